@@ -1,0 +1,20 @@
+//! llmdoctor serves one frozen *patient* LLM and steers it token by token with small trained
+//! *doctor* models (LoRA adapters on a base that shares the patient's tokenizer).
+//!
+//! # Layout
+//! - [`model`]: the transformer runtime on candle: llama-family configuration, GGUF and
+//!   safetensors loading, quantised and dense linear layers, LoRA adapters, the batched ragged
+//!   forward and per-row KV caches.
+//! - [`tokenizer`]: tokenizers built from GGUF metadata or `tokenizer.json`, chat templates,
+//!   incremental UTF-8-safe detokenization and stop-string matching.
+//! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
+//! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
+//!
+//! Lower layers never import higher ones: `model` and `tokenizer` know nothing of the CLI.
+
+#![warn(missing_docs)]
+
+pub mod fetch;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
