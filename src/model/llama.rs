@@ -1,0 +1,577 @@
+//! The llama-family decoder (llama, mistral, qwen2) and its batched ragged forward.
+//!
+//! One [`Llama::forward`] call takes any number of rows. Their new tokens are concatenated into
+//! one `(tokens, hidden)` matrix, so every linear layer runs once per step over all rows, and
+//! attention runs per row against that row's own [`KvCache`]. LoRA deltas are computed per
+//! adapter over the tokens of the rows that use it.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops;
+
+use super::config::{ModelConfig, RopeLayout};
+use super::kv::KvCache;
+use super::lora::{LoraAdapter, Projection};
+use super::weights::{Embedding, Linear, LoadOptions, WeightFormat, WeightSource};
+use super::ModelError;
+
+/// Which implementation of RMSNorm and RoPE the forward uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// candle's fused kernels; they have no backward pass.
+    Fused,
+    /// Compositions of basic ops that candle can differentiate (training).
+    Differentiable,
+}
+
+/// Which positions of a row get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsSelection {
+    /// Only the last new token (generation).
+    Last,
+    /// Every new token (scoring and training).
+    All,
+}
+
+/// One row of a batched step: a sequence under one model variant.
+pub struct Row<'a> {
+    /// New token ids: a prefill chunk of any length, or one decode token.
+    pub tokens: &'a [u32],
+    /// The row's cache; its length is the position of `tokens[0]`.
+    pub cache: &'a mut KvCache,
+    /// The adapter applied on top of the base weights, if any.
+    pub adapter: Option<&'a LoraAdapter>,
+    /// Which positions get logits.
+    pub logits: LogitsSelection,
+}
+
+struct DecoderLayer {
+    attn_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    ffn_norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn linear(&self, projection: Projection) -> &Linear {
+        match projection {
+            Projection::Q => &self.q_proj,
+            Projection::K => &self.k_proj,
+            Projection::V => &self.v_proj,
+            Projection::O => &self.o_proj,
+            Projection::Gate => &self.gate_proj,
+            Projection::Up => &self.up_proj,
+            Projection::Down => &self.down_proj,
+        }
+    }
+}
+
+/// A llama-family causal LM. It holds weights only; per-sequence state lives in [`KvCache`]s.
+pub struct Llama {
+    config: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// `(head_dim/2,)` rotary inverse frequencies.
+    inv_freq: Tensor,
+    kernels: Kernels,
+    device: Device,
+}
+
+/// The tokens of one adapter's rows within the concatenated batch.
+struct AdapterGroup<'a> {
+    adapter: &'a LoraAdapter,
+    /// `(group_tokens,)` u32 indices into the batch, or `None` when the group is the whole batch.
+    index: Option<Tensor>,
+}
+
+/// Where one row's tokens sit in the batch.
+struct RowSpan {
+    offset: usize,
+    len: usize,
+    past: usize,
+}
+
+/// Tensor names of one checkpoint flavour.
+struct Names {
+    gguf: bool,
+}
+
+impl Names {
+    fn embed(&self) -> String {
+        if self.gguf {
+            "token_embd.weight"
+        } else {
+            "model.embed_tokens.weight"
+        }
+        .into()
+    }
+    fn norm(&self) -> String {
+        if self.gguf {
+            "output_norm.weight"
+        } else {
+            "model.norm.weight"
+        }
+        .into()
+    }
+    fn lm_head(&self) -> String {
+        if self.gguf {
+            "output.weight"
+        } else {
+            "lm_head.weight"
+        }
+        .into()
+    }
+    fn layer_norm(&self, layer: usize, attn: bool) -> String {
+        match (self.gguf, attn) {
+            (true, true) => format!("blk.{layer}.attn_norm.weight"),
+            (true, false) => format!("blk.{layer}.ffn_norm.weight"),
+            (false, true) => format!("model.layers.{layer}.input_layernorm.weight"),
+            (false, false) => format!("model.layers.{layer}.post_attention_layernorm.weight"),
+        }
+    }
+    /// Weight name and bias name of a projection.
+    fn projection(&self, layer: usize, projection: Projection) -> (String, String) {
+        if self.gguf {
+            let short = match projection {
+                Projection::Q => "attn_q",
+                Projection::K => "attn_k",
+                Projection::V => "attn_v",
+                Projection::O => "attn_output",
+                Projection::Gate => "ffn_gate",
+                Projection::Up => "ffn_up",
+                Projection::Down => "ffn_down",
+            };
+            (
+                format!("blk.{layer}.{short}.weight"),
+                format!("blk.{layer}.{short}.bias"),
+            )
+        } else {
+            let parent = match projection {
+                Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
+                _ => "mlp",
+            };
+            let base = format!("model.layers.{layer}.{parent}.{}", projection.module_name());
+            (format!("{base}.weight"), format!("{base}.bias"))
+        }
+    }
+}
+
+impl Llama {
+    /// Loads a model from a `.gguf` file or from a Hugging Face folder with `config.json` and
+    /// `*.safetensors`.
+    pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Self, ModelError> {
+        if !path.exists() {
+            return Err(ModelError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+            });
+        }
+        if path.is_dir() {
+            let config = ModelConfig::from_hf_config(&path.join("config.json"))?;
+            let source = WeightSource::open_safetensors_dir(path)?;
+            Self::from_source(config, &source, options, device)
+        } else {
+            let source = WeightSource::open_gguf(path)?;
+            let WeightSource::Gguf { content, .. } = &source else {
+                unreachable!("open_gguf returns the Gguf variant")
+            };
+            let config = ModelConfig::from_gguf(content, path)?;
+            Self::from_source(config, &source, options, device)
+        }
+    }
+
+    /// Builds the model from an opened checkpoint and its resolved configuration.
+    pub fn from_source(
+        config: ModelConfig,
+        source: &WeightSource,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let names = Names {
+            gguf: matches!(source, WeightSource::Gguf { .. }),
+        };
+        let format = options.format;
+        let hidden = config.hidden_size;
+        let (embed_tokens, embed_q) =
+            source.embedding(&names.embed(), (config.vocab_size, hidden), format, device)?;
+
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let load = |projection: Projection| -> Result<Linear, ModelError> {
+                let (weight, bias) = names.projection(layer, projection);
+                let with_bias = config.architecture.has_qkv_bias()
+                    && matches!(projection, Projection::Q | Projection::K | Projection::V);
+                let bias = with_bias.then_some(bias.as_str());
+                source.linear(&weight, bias, projection.shape(&config), format, device)
+            };
+            layers.push(DecoderLayer {
+                attn_norm: source.dense(&names.layer_norm(layer, true), &[hidden], device)?,
+                q_proj: load(Projection::Q)?,
+                k_proj: load(Projection::K)?,
+                v_proj: load(Projection::V)?,
+                o_proj: load(Projection::O)?,
+                ffn_norm: source.dense(&names.layer_norm(layer, false), &[hidden], device)?,
+                gate_proj: load(Projection::Gate)?,
+                up_proj: load(Projection::Up)?,
+                down_proj: load(Projection::Down)?,
+            });
+        }
+
+        let norm = source.dense(&names.norm(), &[hidden], device)?;
+        let head_shape = (config.vocab_size, hidden);
+        let lm_head = if source.contains(&names.lm_head()) {
+            source.linear(&names.lm_head(), None, head_shape, format, device)?
+        } else {
+            match (&embed_q, &embed_tokens) {
+                (Some(q), _) => Linear::quantized(q.clone(), None)?,
+                (None, Embedding::Dense(w)) => Linear::dense(w.clone(), None)?,
+                (None, Embedding::Quantized(_)) => {
+                    source.linear(&names.embed(), None, head_shape, format, device)?
+                }
+            }
+        };
+
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (half,), device)?;
+        let kernels = match format {
+            WeightFormat::Dense => Kernels::Differentiable,
+            WeightFormat::Quantized(_) => Kernels::Fused,
+        };
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            kernels,
+            device: device.clone(),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Selects the kernel implementations; [`Kernels::Differentiable`] is needed for training.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// The dense f32 weight of a projection, `(out, in)`, for tests and merges.
+    pub fn projection_weight(
+        &self,
+        layer: usize,
+        projection: Projection,
+    ) -> Result<Tensor, ModelError> {
+        self.layers[layer].linear(projection).dense_weight()
+    }
+
+    /// Runs one step over `rows` and returns, per row, `(selected_positions, vocab)` f32 logits:
+    /// one position for [`LogitsSelection::Last`], every new token for
+    /// [`LogitsSelection::All`]. Each row's cache grows by its number of new tokens.
+    pub fn forward(&self, rows: &mut [Row<'_>]) -> Result<Vec<Tensor>, ModelError> {
+        let hidden = self.forward_hidden(rows)?;
+        hidden.iter().map(|h| self.lm_head.forward(h)).collect()
+    }
+
+    /// Like [`Llama::forward`] but returns the final normalised hidden states,
+    /// `(selected_positions, hidden)` per row.
+    pub fn forward_hidden(&self, rows: &mut [Row<'_>]) -> Result<Vec<Tensor>, ModelError> {
+        let spans = self.plan_rows(rows)?;
+        let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+        let total = ids.len();
+        let positions: Vec<f32> = spans
+            .iter()
+            .flat_map(|s| (s.past..s.past + s.len).map(|p| p as f32))
+            .collect();
+        let ids = Tensor::from_vec(ids, (total,), &self.device)?;
+        let (cos, sin) = self.rotary(positions)?;
+        let groups = adapter_groups(rows, &spans, &self.device)?;
+        for (row, span) in rows.iter_mut().zip(&spans) {
+            row.cache
+                .reserve(span.past + span.len, &self.config, &self.device)?;
+        }
+
+        let mut x = self.embed_tokens.forward(&ids)?; // (tokens, hidden)
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let attn = self.attention(index, layer, &h, (&cos, &sin), rows, &spans, &groups)?;
+            x = (x + attn)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let gate = project(layer, index, Projection::Gate, &h, &groups)?;
+            let up = project(layer, index, Projection::Up, &h, &groups)?;
+            let mlp = project(
+                layer,
+                index,
+                Projection::Down,
+                &(ops::silu(&gate)? * up)?,
+                &groups,
+            )?;
+            x = (x + mlp)?;
+        }
+        for (row, span) in rows.iter_mut().zip(&spans) {
+            row.cache.advance(span.len);
+        }
+
+        let mut outputs = Vec::with_capacity(rows.len());
+        for (row, span) in rows.iter().zip(&spans) {
+            let selected = match row.logits {
+                LogitsSelection::Last => x.narrow(0, span.offset + span.len - 1, 1)?,
+                LogitsSelection::All => x.narrow(0, span.offset, span.len)?,
+            };
+            outputs.push(self.rms_norm(&selected, &self.norm)?);
+        }
+        Ok(outputs)
+    }
+
+    /// Projects hidden states to logits: `(positions, hidden) -> (positions, vocab)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        self.lm_head.forward(hidden)
+    }
+
+    fn plan_rows(&self, rows: &[Row<'_>]) -> Result<Vec<RowSpan>, ModelError> {
+        let mut spans = Vec::with_capacity(rows.len());
+        let mut offset = 0;
+        for (index, row) in rows.iter().enumerate() {
+            if row.tokens.is_empty() {
+                return Err(ModelError::EmptyRow { row: index });
+            }
+            if let Some(&id) = row
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.config.vocab_size,
+                });
+            }
+            let past = row.cache.len();
+            let requested = past + row.tokens.len();
+            if requested > self.config.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    requested,
+                    limit: self.config.max_position_embeddings,
+                });
+            }
+            spans.push(RowSpan {
+                offset,
+                len: row.tokens.len(),
+                past,
+            });
+            offset += row.tokens.len();
+        }
+        Ok(spans)
+    }
+
+    /// `(tokens,)` positions -> `(tokens, head_dim/2)` cosines and sines.
+    fn rotary(&self, positions: Vec<f32>) -> Result<(Tensor, Tensor), ModelError> {
+        let n = positions.len();
+        let positions = Tensor::from_vec(positions, (n, 1), &self.device)?;
+        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?; // (tokens, head_dim/2)
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, ModelError> {
+        let eps = self.config.rms_norm_eps as f32;
+        Ok(match self.kernels {
+            Kernels::Fused => ops::rms_norm(&x.contiguous()?, weight, eps)?,
+            Kernels::Differentiable => ops::rms_norm_slow(x, weight, eps)?,
+        })
+    }
+
+    /// Applies RoPE to `(1, heads, tokens, head_dim)` with `(tokens, head_dim/2)` tables.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+        use candle_nn::rotary_emb;
+        Ok(match (self.config.rope_layout, self.kernels) {
+            (RopeLayout::Interleaved, Kernels::Fused) => rotary_emb::rope_i(x, cos, sin)?,
+            (RopeLayout::Interleaved, Kernels::Differentiable) => {
+                rotary_emb::rope_i_slow(x, cos, sin)?
+            }
+            (RopeLayout::Halves, Kernels::Fused) => rotary_emb::rope(x, cos, sin)?,
+            (RopeLayout::Halves, Kernels::Differentiable) => rotary_emb::rope_slow(x, cos, sin)?,
+        })
+    }
+
+    /// Self-attention over the batch: `(tokens, hidden) -> (tokens, hidden)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        index: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        rows: &[Row<'_>],
+        spans: &[RowSpan],
+        groups: &[AdapterGroup<'_>],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.config;
+        let (total, _) = h.dims2()?;
+        let (n_heads, n_kv, head_dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor, ModelError> {
+            // (tokens, heads*head_dim) -> (1, heads, tokens, head_dim)
+            Ok(t.reshape((total, heads, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
+        };
+        let q = heads_first(project(layer, index, Projection::Q, h, groups)?, n_heads)?;
+        let k = heads_first(project(layer, index, Projection::K, h, groups)?, n_kv)?;
+        let v = heads_first(project(layer, index, Projection::V, h, groups)?, n_kv)?;
+        let q = self.rope(&q, cos, sin)?.squeeze(0)?; // (n_heads, tokens, head_dim)
+        let k = self.rope(&k, cos, sin)?.squeeze(0)?; // (n_kv, tokens, head_dim)
+        let v = v.squeeze(0)?; // (n_kv, tokens, head_dim)
+
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let group = cfg.group_size();
+        let mut outputs = Vec::with_capacity(rows.len());
+        for (row, span) in rows.iter().zip(spans) {
+            let t = span.len;
+            let k_new = k.narrow(1, span.offset, t)?.contiguous()?; // (n_kv, t, head_dim)
+            let v_new = v.narrow(1, span.offset, t)?.contiguous()?;
+            row.cache.write(index, span.past, &k_new, &v_new)?;
+            let (k_all, v_all) = if span.past == 0 {
+                (k_new, v_new)
+            } else {
+                row.cache.view(index, span.past + t)? // (n_kv, kv_len, head_dim)
+            };
+            let kv_len = span.past + t;
+            // Query heads h = kv_head * group + g share kv_head, so (n_heads, t, d) regroups as
+            // (n_kv, group * t, d) without repeating keys.
+            let q_row =
+                q.narrow(1, span.offset, t)?
+                    .contiguous()?
+                    .reshape((n_kv, group * t, head_dim))?;
+            let scores = (q_row.matmul(&k_all.t()?)? * scale)?; // (n_kv, group*t, kv_len)
+            let scores = if t > 1 {
+                let mask = causal_mask(t, span.past, &self.device)?; // (t, kv_len)
+                scores
+                    .reshape((n_kv, group, t, kv_len))?
+                    .broadcast_add(&mask)?
+                    .reshape((n_kv, group * t, kv_len))?
+            } else {
+                scores
+            };
+            let probs = ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, group*t, head_dim)
+            let out = out
+                .reshape((n_heads, t, head_dim))?
+                .transpose(0, 1)? // (t, n_heads, head_dim)
+                .reshape((t, n_heads * head_dim))?;
+            outputs.push(out);
+        }
+        let out = Tensor::cat(&outputs, 0)?; // (tokens, n_heads*head_dim)
+        project(layer, index, Projection::O, &out, groups)
+    }
+}
+
+/// Applies a projection and the LoRA deltas of every adapter group:
+/// `(tokens, in) -> (tokens, out)`.
+fn project(
+    layer: &DecoderLayer,
+    index: usize,
+    projection: Projection,
+    x: &Tensor,
+    groups: &[AdapterGroup<'_>],
+) -> Result<Tensor, ModelError> {
+    let mut y = layer.linear(projection).forward(x)?;
+    for group in groups {
+        let Some(pair) = group.adapter.pair(index, projection) else {
+            continue;
+        };
+        let scale = group.adapter.scale();
+        match &group.index {
+            None => {
+                let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * scale)?;
+                y = (y + delta)?;
+            }
+            Some(index) => {
+                let xs = x.index_select(index, 0)?; // (group_tokens, in)
+                let delta = (xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * scale)?;
+                y = y.index_add(index, &delta, 0)?;
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// Groups the batch's tokens by adapter (compared by address), so each adapter's low-rank
+/// matmuls run once per projection over all of its rows.
+fn adapter_groups<'a>(
+    rows: &[Row<'a>],
+    spans: &[RowSpan],
+    device: &Device,
+) -> Result<Vec<AdapterGroup<'a>>, ModelError> {
+    let mut groups: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
+    let mut all_adapted = true;
+    for (row, span) in rows.iter().zip(spans) {
+        let Some(adapter) = row.adapter else {
+            all_adapted = false;
+            continue;
+        };
+        let indices = (span.offset..span.offset + span.len).map(|i| i as u32);
+        match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
+            Some((_, list)) => list.extend(indices),
+            None => groups.push((adapter, indices.collect())),
+        }
+    }
+    let whole_batch = all_adapted && groups.len() == 1;
+    groups
+        .into_iter()
+        .map(|(adapter, list)| {
+            let index = if whole_batch {
+                None
+            } else {
+                let n = list.len();
+                Some(Tensor::from_vec(list, (n,), device)?)
+            };
+            Ok(AdapterGroup { adapter, index })
+        })
+        .collect()
+}
+
+/// Additive causal mask for a chunk of `t` new queries after `past` cached positions:
+/// `(t, past + t)`, 0 where key `j <= past + i`, `-inf` elsewhere. For `t = 2, past = 1`:
+/// `[[0, 0, -inf], [0, 0, 0]]`.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor, ModelError> {
+    let kv_len = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, kv_len), device)?.to_dtype(DType::F32)?)
+}
+
+/// Log-softmax over the vocabulary of `(positions, vocab)` logits.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor, ModelError> {
+    Ok(ops::log_softmax(logits, D::Minus1)?)
+}

@@ -1,0 +1,536 @@
+//! The batched ragged forward, LoRA rows, and both checkpoint formats, on tiny random models
+//! written to real files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use llmdoctor::model::lora::{AdapterConfig, Projection};
+use llmdoctor::model::tiny::{uniform, TinySpec, TinyWeights};
+use llmdoctor::model::{
+    KvCache, Llama, LoadOptions, LogitsSelection, LoraAdapter, QuantPolicy, Row, WeightFormat,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn quantized(policy: QuantPolicy) -> LoadOptions {
+    LoadOptions {
+        format: WeightFormat::Quantized(policy),
+    }
+}
+
+fn write_gguf(dir: &Path, weights: &TinyWeights, dtype: GgmlDType) -> PathBuf {
+    let path = dir.join(format!("tiny-{dtype:?}.gguf"));
+    weights.write_gguf(&path, dtype).unwrap();
+    path
+}
+
+/// Random PEFT tensors in the Hugging Face layout for every projection of every layer.
+fn random_peft_tensors(spec: &TinySpec, rank: usize, seed: u64) -> HashMap<String, Tensor> {
+    let weights = TinyWeights::random(*spec).unwrap();
+    let model = Llama::load_from_weights(&weights);
+    let config = model.config().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    for layer in 0..config.num_layers {
+        for projection in Projection::ALL {
+            let (out_features, in_features) = projection.shape(&config);
+            let prefix = projection.peft_prefix(layer);
+            tensors.insert(
+                format!("{prefix}.lora_A.weight"),
+                uniform(&mut rng, (rank, in_features), 0.3).unwrap(),
+            );
+            tensors.insert(
+                format!("{prefix}.lora_B.weight"),
+                uniform(&mut rng, (out_features, rank), 0.3).unwrap(),
+            );
+        }
+    }
+    tensors
+}
+
+/// Writes `adapter.safetensors` and `adapter_config.json` into `dir`.
+fn write_adapter(dir: &Path, tensors: &HashMap<String, Tensor>, rank: usize, alpha: f64) {
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(tensors, dir.join("adapter.safetensors")).unwrap();
+    let config = AdapterConfig {
+        r: rank,
+        lora_alpha: alpha,
+        use_rslora: false,
+        target_modules: Projection::ALL
+            .iter()
+            .map(|p| p.module_name().to_string())
+            .collect(),
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    };
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+fn load_adapter(dir: &Path, model: &Llama) -> LoraAdapter {
+    LoraAdapter::load(
+        &dir.join("adapter.safetensors"),
+        &dir.join("adapter_config.json"),
+        model.config(),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+trait LoadTiny {
+    fn load_from_weights(weights: &TinyWeights) -> Llama;
+}
+
+impl LoadTiny for Llama {
+    fn load_from_weights(weights: &TinyWeights) -> Llama {
+        let dir = tempfile::tempdir().unwrap();
+        weights.write_hf_dir(dir.path()).unwrap();
+        Llama::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap()
+    }
+}
+
+/// Token ids that differ per row.
+fn tokens(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (seed * 31 + i * 7) % 256).collect()
+}
+
+struct RowCase {
+    history: usize,
+    new: usize,
+    adapter: Option<usize>,
+}
+
+/// The mixed batch of the acceptance criteria: prefill rows of 5, 17 and 1 tokens, decode rows
+/// at positions 7 and 12, with and without adapters.
+const MIXED: [RowCase; 7] = [
+    RowCase {
+        history: 0,
+        new: 5,
+        adapter: None,
+    },
+    RowCase {
+        history: 0,
+        new: 17,
+        adapter: Some(0),
+    },
+    RowCase {
+        history: 0,
+        new: 1,
+        adapter: None,
+    },
+    RowCase {
+        history: 7,
+        new: 1,
+        adapter: None,
+    },
+    RowCase {
+        history: 12,
+        new: 1,
+        adapter: Some(0),
+    },
+    RowCase {
+        history: 9,
+        new: 1,
+        adapter: Some(1),
+    },
+    RowCase {
+        history: 3,
+        new: 4,
+        adapter: Some(1),
+    },
+];
+
+/// Runs the mixed batch at once and row by row; returns the max difference over
+/// (rows without adapter, rows with adapter).
+fn batched_vs_alone(model: &Llama, adapters: &[LoraAdapter]) -> (f32, f32) {
+    let mut caches = Vec::new();
+    let mut news = Vec::new();
+    for (index, case) in MIXED.iter().enumerate() {
+        let all = tokens(index as u32 + 1, case.history + case.new);
+        let mut cache = KvCache::new();
+        if case.history > 0 {
+            let adapter = case.adapter.map(|a| &adapters[a]);
+            model
+                .forward(&mut [Row {
+                    tokens: &all[..case.history],
+                    cache: &mut cache,
+                    adapter,
+                    logits: LogitsSelection::Last,
+                }])
+                .unwrap();
+        }
+        caches.push(cache);
+        news.push(all[case.history..].to_vec());
+    }
+
+    let mut alone = Vec::new();
+    for (index, case) in MIXED.iter().enumerate() {
+        let mut cache = caches[index].clone();
+        let logits = model
+            .forward(&mut [Row {
+                tokens: &news[index],
+                cache: &mut cache,
+                adapter: case.adapter.map(|a| &adapters[a]),
+                logits: LogitsSelection::All,
+            }])
+            .unwrap()
+            .remove(0);
+        alone.push(logits);
+    }
+
+    let mut batch_caches = caches.clone();
+    let mut rows: Vec<Row<'_>> = batch_caches
+        .iter_mut()
+        .zip(MIXED.iter().zip(&news))
+        .map(|(cache, (case, new))| Row {
+            tokens: new,
+            cache,
+            adapter: case.adapter.map(|a| &adapters[a]),
+            logits: LogitsSelection::All,
+        })
+        .collect();
+    let batched = model.forward(&mut rows).unwrap();
+    drop(rows);
+
+    let (mut plain, mut adapted) = (0f32, 0f32);
+    for (index, case) in MIXED.iter().enumerate() {
+        assert_eq!(
+            batched[index].dims(),
+            alone[index].dims(),
+            "row {index} shape"
+        );
+        assert_eq!(
+            batch_caches[index].len(),
+            case.history + case.new,
+            "row {index} cache length"
+        );
+        let diff = max_abs_diff(&batched[index], &alone[index]);
+        if case.adapter.is_some() {
+            adapted = adapted.max(diff);
+        } else {
+            plain = plain.max(diff);
+        }
+    }
+    (plain, adapted)
+}
+
+/// The mixed batch on a model too large for random adapters: rows that name an adapter get a
+/// no-op one (B = 0 on the output projection), and only rows without an adapter are compared.
+fn batched_vs_alone_plain(model: &Llama) -> (f32, f32) {
+    let config = model.config();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = HashMap::new();
+    let rank = 1;
+    let (out_features, in_features) = Projection::O.shape(config);
+    for layer in 0..config.num_layers {
+        let prefix = Projection::O.peft_prefix(layer);
+        let zeros = |shape: (usize, usize)| {
+            Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap()
+        };
+        tensors.insert(
+            format!("{prefix}.lora_A.weight"),
+            zeros((rank, in_features)),
+        );
+        tensors.insert(
+            format!("{prefix}.lora_B.weight"),
+            zeros((out_features, rank)),
+        );
+    }
+    write_adapter(dir.path(), &tensors, rank, 1.0);
+    let noop = load_adapter(dir.path(), model);
+    batched_vs_alone(model, &[noop.clone(), noop])
+}
+
+fn two_adapters(dir: &Path, spec: &TinySpec, model: &Llama) -> Vec<LoraAdapter> {
+    (0..2)
+        .map(|i| {
+            let adapter_dir = dir.join(format!("adapter{i}"));
+            write_adapter(&adapter_dir, &random_peft_tensors(spec, 4, 100 + i), 4, 8.0);
+            load_adapter(&adapter_dir, model)
+        })
+        .collect()
+}
+
+#[test]
+fn batched_rows_match_single_rows_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let weights = TinyWeights::random(spec).unwrap();
+    let model = Llama::load(
+        &write_gguf(dir.path(), &weights, GgmlDType::F32),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let adapters = two_adapters(dir.path(), &spec, &model);
+    let (plain, adapted) = batched_vs_alone(&model, &adapters);
+    assert!(plain <= TOLERANCE, "rows without adapter differ by {plain}");
+    assert!(
+        adapted <= TOLERANCE,
+        "rows with adapter differ by {adapted}"
+    );
+}
+
+/// Quantised matmuls quantise each activation row on its own and every row's attention runs
+/// alone, so rows without an adapter are bit-identical whatever the batch. LoRA rows go through
+/// an f32 GEMM whose blocking depends on the number of rows, so they only agree within the
+/// tolerance.
+#[test]
+fn batched_rows_bit_identical_when_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let weights = TinyWeights::random(spec).unwrap();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
+        let path = write_gguf(dir.path(), &weights, dtype);
+        for policy in [QuantPolicy::AsStored, QuantPolicy::FastTypes] {
+            let model = Llama::load(&path, &quantized(policy), &Device::Cpu).unwrap();
+            let adapters = two_adapters(dir.path(), &spec, &model);
+            let (plain, adapted) = batched_vs_alone(&model, &adapters);
+            assert_eq!(
+                plain, 0.0,
+                "{dtype:?} {policy:?}: rows without adapter differ"
+            );
+            assert!(
+                adapted <= TOLERANCE,
+                "{dtype:?} {policy:?}: LoRA rows differ by {adapted}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gguf_and_safetensors_give_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = TinyWeights::random(TinySpec::default()).unwrap();
+    let gguf = Llama::load(
+        &write_gguf(dir.path(), &weights, GgmlDType::F32),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let hf_dir = dir.path().join("hf");
+    weights.write_hf_dir(&hf_dir).unwrap();
+    let hf = Llama::load(&hf_dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+
+    let ids = tokens(3, 23);
+    let run = |model: &Llama| {
+        let mut cache = KvCache::new();
+        model
+            .forward(&mut [Row {
+                tokens: &ids,
+                cache: &mut cache,
+                adapter: None,
+                logits: LogitsSelection::All,
+            }])
+            .unwrap()
+            .remove(0)
+    };
+    let diff = max_abs_diff(&run(&gguf), &run(&hf));
+    assert!(
+        diff <= TOLERANCE,
+        "GGUF and safetensors logits differ by {diff}"
+    );
+}
+
+#[test]
+fn every_supported_ggml_type_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    // K-quants pack 256 values per block, so every inner dimension must be a multiple of 256.
+    let spec = TinySpec {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_heads: 4,
+        num_kv_heads: 2,
+        ..TinySpec::default()
+    };
+    let weights = TinyWeights::random(spec).unwrap();
+    let ids = tokens(5, 9);
+    let run = |path: &Path| {
+        let model = Llama::load(path, &quantized(QuantPolicy::AsStored), &Device::Cpu).unwrap();
+        let mut cache = KvCache::new();
+        model
+            .forward(&mut [Row {
+                tokens: &ids,
+                cache: &mut cache,
+                adapter: None,
+                logits: LogitsSelection::All,
+            }])
+            .unwrap()
+            .remove(0)
+    };
+    let reference = run(&write_gguf(dir.path(), &weights, GgmlDType::F32));
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let cases = [
+        (GgmlDType::F16, 0.01),
+        (GgmlDType::Q8_0, 0.05),
+        (GgmlDType::Q6K, 0.08),
+        (GgmlDType::Q5K, 0.15),
+        (GgmlDType::Q4K, 0.25),
+        (GgmlDType::Q4_1, 0.25),
+        (GgmlDType::Q4_0, 0.3),
+    ];
+    for (dtype, relative) in cases {
+        let diff = max_abs_diff(&run(&write_gguf(dir.path(), &weights, dtype)), &reference);
+        assert!(
+            diff <= relative * scale,
+            "{dtype:?}: logits differ from f32 by {diff} (scale {scale})"
+        );
+    }
+}
+
+fn logits_with(model: &Llama, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Tensor {
+    let mut cache = KvCache::new();
+    model
+        .forward(&mut [Row {
+            tokens: ids,
+            cache: &mut cache,
+            adapter,
+            logits: LogitsSelection::All,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+#[test]
+fn lora_with_zero_b_leaves_output_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let weights = TinyWeights::random(spec).unwrap();
+    let model = Llama::load(
+        &write_gguf(dir.path(), &weights, GgmlDType::Q8_0),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut tensors = random_peft_tensors(&spec, 4, 1);
+    for (name, tensor) in tensors.iter_mut() {
+        if name.contains("lora_B") {
+            *tensor = tensor.zeros_like().unwrap();
+        }
+    }
+    write_adapter(&dir.path().join("zero"), &tensors, 4, 8.0);
+    let adapter = load_adapter(&dir.path().join("zero"), &model);
+    let ids = tokens(2, 15);
+    let diff = max_abs_diff(
+        &logits_with(&model, Some(&adapter), &ids),
+        &logits_with(&model, None, &ids),
+    );
+    assert_eq!(diff, 0.0, "an adapter with B = 0 changed the logits");
+}
+
+/// A random adapter on a base must equal a model whose weights the test merged as
+/// `W + scale·B·A`, for a safetensors base and for a GGUF base whose q/k rows llama.cpp
+/// permuted.
+#[test]
+fn lora_matches_merged_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let weights = TinyWeights::random(spec).unwrap();
+    let (rank, alpha) = (4, 8.0);
+    let scale = alpha / rank as f64;
+    let tensors = random_peft_tensors(&spec, rank, 9);
+    write_adapter(&dir.path().join("adapter"), &tensors, rank, alpha);
+
+    let mut merged = TinyWeights::random(spec).unwrap();
+    for layer in 0..spec.num_layers {
+        for projection in Projection::ALL {
+            let prefix = projection.peft_prefix(layer);
+            let a = &tensors[&format!("{prefix}.lora_A.weight")];
+            let b = &tensors[&format!("{prefix}.lora_B.weight")];
+            let delta = (b.matmul(a).unwrap() * scale).unwrap();
+            merged.merge_delta(layer, projection, &delta).unwrap();
+        }
+    }
+    let merged_dir = dir.path().join("merged");
+    merged.write_hf_dir(&merged_dir).unwrap();
+    let merged_model = Llama::load(&merged_dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let ids = tokens(4, 19);
+    let expected = logits_with(&merged_model, None, &ids);
+
+    let hf_dir = dir.path().join("hf");
+    weights.write_hf_dir(&hf_dir).unwrap();
+    let gguf_path = write_gguf(dir.path(), &weights, GgmlDType::F32);
+    for base in [hf_dir, gguf_path] {
+        let model = Llama::load(&base, &LoadOptions::default(), &Device::Cpu).unwrap();
+        let adapter = load_adapter(&dir.path().join("adapter"), &model);
+        let diff = max_abs_diff(&logits_with(&model, Some(&adapter), &ids), &expected);
+        assert!(
+            diff <= TOLERANCE,
+            "{}: adapter vs merged differ by {diff}",
+            base.display()
+        );
+    }
+}
+
+#[test]
+fn lora_with_wrong_shapes_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let model = Llama::load_from_weights(&TinyWeights::random(spec).unwrap());
+    let other = TinySpec {
+        hidden_size: 96,
+        num_heads: 6,
+        num_kv_heads: 2,
+        ..spec
+    };
+    write_adapter(
+        &dir.path().join("bad"),
+        &random_peft_tensors(&other, 4, 3),
+        4,
+        8.0,
+    );
+    let err = LoraAdapter::load(
+        &dir.path().join("bad/adapter.safetensors"),
+        &dir.path().join("bad/adapter_config.json"),
+        model.config(),
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("lora_A.weight"), "{err}");
+    assert!(err.contains("[4, 96]"), "{err}");
+    assert!(err.contains("[4, 64]"), "{err}");
+}
+
+#[test]
+fn real_model_rows_bit_identical_in_batch() {
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    for policy in [QuantPolicy::AsStored, QuantPolicy::FastTypes] {
+        let model = Llama::load(&path, &quantized(policy), &Device::Cpu).unwrap();
+        let (plain, _) = batched_vs_alone_plain(&model);
+        assert_eq!(
+            plain, 0.0,
+            "{policy:?}: real-model rows differ between batch and alone"
+        );
+    }
+}
