@@ -12,7 +12,7 @@ use super::ModelError;
 /// Smallest number of positions allocated at a time.
 const MIN_CAPACITY: usize = 64;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct LayerKv {
     /// `(n_kv_heads, capacity, head_dim)`
     k: Tensor,
@@ -21,7 +21,9 @@ struct LayerKv {
 }
 
 /// The keys and values of one row (one sequence under one model variant), over all layers.
-#[derive(Clone, Debug, Default)]
+///
+/// Writes go into the buffers in place, so the type is not `Clone`: use [`KvCache::fork`].
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
@@ -57,6 +59,25 @@ impl KvCache {
         self.layers.clear();
         self.len = 0;
         self.capacity = 0;
+    }
+
+    /// A deep copy whose writes do not affect `self`, for sequences that share a prefix.
+    pub fn fork(&self) -> Result<Self, ModelError> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(LayerKv {
+                    k: layer.k.copy()?,
+                    v: layer.v.copy()?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+            capacity: self.capacity,
+        })
     }
 
     /// Forgets positions from `len` on, keeping the buffers.

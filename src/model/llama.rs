@@ -2,8 +2,9 @@
 //!
 //! One [`Llama::forward`] call takes any number of rows. Their new tokens are concatenated into
 //! one `(tokens, hidden)` matrix, so every linear layer runs once per step over all rows, and
-//! attention runs per row against that row's own [`KvCache`]. LoRA deltas are computed per
-//! adapter over the tokens of the rows that use it.
+//! attention runs per row against that row's own [`KvCache`]. LoRA deltas are added per row on
+//! top of the shared base projection, so doctor rows read the base weights together with the
+//! patient rows.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use candle_nn::ops;
 
 use super::config::{ModelConfig, RopeLayout};
 use super::kv::KvCache;
-use super::lora::{LoraAdapter, Projection};
+use super::lora::{LoraAdapter, LoraPair, Projection};
 use super::weights::{Embedding, Linear, LoadOptions, WeightFormat, WeightSource};
 use super::ModelError;
 
@@ -83,13 +84,6 @@ pub struct Llama {
     inv_freq: Tensor,
     kernels: Kernels,
     device: Device,
-}
-
-/// The tokens of one adapter's rows within the concatenated batch.
-struct AdapterGroup<'a> {
-    adapter: &'a LoraAdapter,
-    /// `(group_tokens,)` u32 indices into the batch, or `None` when the group is the whole batch.
-    index: Option<Tensor>,
 }
 
 /// Where one row's tokens sit in the batch.
@@ -308,7 +302,7 @@ impl Llama {
             .collect();
         let ids = Tensor::from_vec(ids, (total,), &self.device)?;
         let (cos, sin) = self.rotary(positions)?;
-        let groups = adapter_groups(rows, &spans, &self.device)?;
+        let groups = LoraPlan::new(rows, &spans, self.kernels);
         for (row, span) in rows.iter_mut().zip(&spans) {
             row.cache
                 .reserve(span.past + span.len, &self.config, &self.device)?;
@@ -425,7 +419,7 @@ impl Llama {
         (cos, sin): (&Tensor, &Tensor),
         rows: &[Row<'_>],
         spans: &[RowSpan],
-        groups: &[AdapterGroup<'_>],
+        groups: &LoraPlan<'_>,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
         let (total, _) = h.dims2()?;
@@ -487,69 +481,91 @@ impl Llama {
     }
 }
 
-/// Applies a projection and the LoRA deltas of every adapter group:
+/// Applies a projection and the LoRA deltas of the batch's adapters:
 /// `(tokens, in) -> (tokens, out)`.
 fn project(
     layer: &DecoderLayer,
     index: usize,
     projection: Projection,
     x: &Tensor,
-    groups: &[AdapterGroup<'_>],
+    lora: &LoraPlan<'_>,
 ) -> Result<Tensor, ModelError> {
-    let mut y = layer.linear(projection).forward(x)?;
-    for group in groups {
-        let Some(pair) = group.adapter.pair(index, projection) else {
-            continue;
+    let y = layer.linear(projection).forward(x)?;
+    if let Some(adapter) = lora.whole_batch {
+        let Some(pair) = adapter.pair(index, projection) else {
+            return Ok(y);
         };
-        let scale = group.adapter.scale();
-        match &group.index {
-            None => {
-                let delta = (x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * scale)?;
-                y = (y + delta)?;
-            }
-            Some(index) => {
-                let xs = x.index_select(index, 0)?; // (group_tokens, in)
-                let delta = (xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * scale)?;
-                y = y.index_add(index, &delta, 0)?;
-            }
-        }
+        return Ok((y + lora_delta(x, pair, adapter.scale())?)?);
     }
-    Ok(y)
+    if !lora.spans.iter().any(|span| {
+        span.adapter
+            .is_some_and(|adapter| adapter.pair(index, projection).is_some())
+    }) {
+        return Ok(y);
+    }
+    let out_features = y.dim(1)?;
+    let mut pieces = Vec::with_capacity(lora.spans.len());
+    for span in &lora.spans {
+        let pair = span
+            .adapter
+            .and_then(|adapter| Some((adapter.pair(index, projection)?, adapter.scale())));
+        pieces.push(match pair {
+            Some((pair, scale)) => lora_delta(&x.narrow(0, span.offset, span.len)?, pair, scale)?,
+            None => Tensor::zeros((span.len, out_features), DType::F32, x.device())?,
+        });
+    }
+    Ok((y + Tensor::cat(&pieces, 0)?)?)
 }
 
-/// Groups the batch's tokens by adapter (compared by address), so each adapter's low-rank
-/// matmuls run once per projection over all of its rows.
-fn adapter_groups<'a>(
-    rows: &[Row<'a>],
-    spans: &[RowSpan],
-    device: &Device,
-) -> Result<Vec<AdapterGroup<'a>>, ModelError> {
-    let mut groups: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
-    let mut all_adapted = true;
-    for (row, span) in rows.iter().zip(spans) {
-        let Some(adapter) = row.adapter else {
-            all_adapted = false;
-            continue;
+/// `scale · (x·Aᵀ)·Bᵀ`: `(tokens, in) -> (tokens, out)`.
+fn lora_delta(x: &Tensor, pair: &LoraPair, scale: f64) -> Result<Tensor, ModelError> {
+    Ok((x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * scale)?)
+}
+
+/// One row's tokens in the batch and the adapter they use.
+struct LoraSpan<'a> {
+    offset: usize,
+    len: usize,
+    adapter: Option<&'a LoraAdapter>,
+}
+
+/// How LoRA deltas are computed for one step.
+///
+/// Serving computes each row's delta on that row's tokens alone. An f32 GEMM rounds
+/// differently for different row counts, so a delta computed over a group of rows would make a
+/// row's logits depend on which other rows share its adapter in that step, and seeded sampling
+/// would no longer be independent of the batch. Training, where every row uses the same adapter
+/// and no such guarantee is needed, runs one GEMM over the whole batch.
+struct LoraPlan<'a> {
+    spans: Vec<LoraSpan<'a>>,
+    whole_batch: Option<&'a LoraAdapter>,
+}
+
+impl<'a> LoraPlan<'a> {
+    fn new(rows: &[Row<'a>], spans: &[RowSpan], kernels: Kernels) -> Self {
+        let lora_spans: Vec<LoraSpan<'a>> = rows
+            .iter()
+            .zip(spans)
+            .map(|(row, span)| LoraSpan {
+                offset: span.offset,
+                len: span.len,
+                adapter: row.adapter,
+            })
+            .collect();
+        let first = rows.first().and_then(|row| row.adapter);
+        let shared = first.filter(|&first| {
+            rows.iter()
+                .all(|row| row.adapter.is_some_and(|a| std::ptr::eq(a, first)))
+        });
+        let whole_batch = match kernels {
+            Kernels::Differentiable => shared,
+            Kernels::Fused => None,
         };
-        let indices = (span.offset..span.offset + span.len).map(|i| i as u32);
-        match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
-            Some((_, list)) => list.extend(indices),
-            None => groups.push((adapter, indices.collect())),
+        Self {
+            spans: lora_spans,
+            whole_batch,
         }
     }
-    let whole_batch = all_adapted && groups.len() == 1;
-    groups
-        .into_iter()
-        .map(|(adapter, list)| {
-            let index = if whole_batch {
-                None
-            } else {
-                let n = list.len();
-                Some(Tensor::from_vec(list, (n,), device)?)
-            };
-            Ok(AdapterGroup { adapter, index })
-        })
-        .collect()
 }
 
 /// Additive causal mask for a chunk of `t` new queries after `past` cached positions:
