@@ -9,6 +9,8 @@
 //!   incremental UTF-8-safe detokenization and stop-string matching.
 //! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
 //! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
+//! - [`train`]: preference data, stage-1 token rewards and the TFPO losses and value head used
+//!   to train doctors.
 //!
 //! Lower layers never import higher ones: `model` and `tokenizer` know nothing of the CLI.
 
@@ -18,3 +20,4 @@ pub mod fetch;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
