@@ -7,6 +7,7 @@
 //!   forward and per-row KV caches.
 //! - [`tokenizer`]: tokenizers built from GGUF metadata or `tokenizer.json`, chat templates,
 //!   incremental UTF-8-safe detokenization and stop-string matching.
+//! - [`engine`]: sequences, scheduling, sampling and steering.
 //! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
 //! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
 //! - [`train`]: preference data, stage-1 token rewards and the TFPO losses and value head used
@@ -16,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod fetch;
 pub mod generate;
 pub mod model;
