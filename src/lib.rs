@@ -7,7 +7,10 @@
 //!   forward and per-row KV caches.
 //! - [`tokenizer`]: tokenizers built from GGUF metadata or `tokenizer.json`, chat templates,
 //!   incremental UTF-8-safe detokenization and stop-string matching.
-//! - [`engine`]: sequences, scheduling, sampling and steering.
+//! - [`loader`]: loads a model together with its tokenizer.
+//! - [`doctor`]: doctor manifests and the registry that loads, replaces and unloads them.
+//! - [`engine`]: the engine thread: continuous-batching scheduler, sequences, sampling and
+//!   steering.
 //! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
 //! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
 //! - [`train`]: preference data, stage-1 token rewards and the TFPO losses and value head used
@@ -17,9 +20,11 @@
 
 #![warn(missing_docs)]
 
+pub mod doctor;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
+pub mod loader;
 pub mod model;
 pub mod tokenizer;
 pub mod train;

@@ -21,6 +21,11 @@ use super::ModelError;
 /// Special tokens appended after the 256 byte tokens, in id order.
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
+/// Range of the embedding entries. With tied embeddings the logits scale with the square of
+/// this; 0.25 keeps the next-token distribution spread out enough for sampling tests, where 1.0
+/// made every tiny model repeat its last input token.
+const EMBEDDING_BOUND: f32 = 0.25;
+
 /// ChatML without a default system prompt.
 pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -109,7 +114,7 @@ impl TinyWeights {
         let hidden = spec.hidden_size;
         tensors.insert(
             "model.embed_tokens.weight".to_string(),
-            uniform(&mut rng, (spec.vocab_size(), hidden), 1.0)?,
+            uniform(&mut rng, (spec.vocab_size(), hidden), EMBEDDING_BOUND)?,
         );
         for layer in 0..spec.num_layers {
             for projection in Projection::ALL {

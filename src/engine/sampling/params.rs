@@ -199,6 +199,12 @@ impl SamplingParams {
         self.seed
     }
 
+    /// The same parameters with another seed; the engine gives each choice of `n > 1` its own.
+    pub fn with_seed(mut self, seed: Option<u64>) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// Returns the number of alternatives reported per token: `None` when the request wants
     /// no log-probabilities, `Some(0)` when it wants only the chosen token's.
     pub fn top_logprobs(&self) -> Option<usize> {

@@ -1,0 +1,107 @@
+//! Command-line arguments and dispatch.
+
+mod generate;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use llmdoctor::fetch::{self, FetchOptions, Verbosity};
+use llmdoctor::model::{LoadOptions, QuantPolicy, WeightFormat};
+
+/// Serve a frozen LLM with per-token steering by small trained doctor models.
+#[derive(Debug, Parser)]
+#[command(name = "llmdoctor", version, about)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `llmdoctor=debug` (overrides `LLMDOCTOR_LOG`).
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download the default patient (SmolLM2-135M-Instruct Q4_1) into the model cache.
+    FetchModel {
+        /// Print nothing but errors.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Generate a reply to one chat prompt, optionally steered by doctors.
+    Generate(generate::GenerateArgs),
+}
+
+/// How quantised weights are kept in memory.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum QuantArg {
+    /// Requantise types without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
+    Fast,
+    /// Keep every tensor as stored in the file.
+    AsStored,
+}
+
+impl QuantArg {
+    pub fn load_options(self) -> LoadOptions {
+        let policy = match self {
+            Self::Fast => QuantPolicy::FastTypes,
+            Self::AsStored => QuantPolicy::AsStored,
+        };
+        LoadOptions {
+            format: WeightFormat::Quantized(policy),
+        }
+    }
+}
+
+/// The model path given on the command line, or the fetched default patient.
+pub fn model_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
+    }
+    let path = fetch::default_model_path()?;
+    if !path.exists() {
+        anyhow::bail!(
+            "the default model is not installed at `{}`: run `llmdoctor fetch-model`, or pass `--model PATH`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn init_logging(args: &Cli) {
+    let default = match args.command {
+        Command::FetchModel { .. } => "info",
+        Command::Generate(_) => "warn",
+    };
+    let filter = args
+        .log
+        .clone()
+        .or_else(|| std::env::var("LLMDOCTOR_LOG").ok())
+        .unwrap_or_else(|| default.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(args: Cli) -> anyhow::Result<()> {
+    match args.command {
+        Command::FetchModel { quiet } => {
+            let options = FetchOptions {
+                verbosity: if quiet {
+                    Verbosity::Quiet
+                } else {
+                    Verbosity::Normal
+                },
+                ..FetchOptions::default()
+            };
+            let path = fetch::fetch_model(&fetch::DEFAULT_PATIENT, &options)?;
+            if !quiet {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        Command::Generate(generate) => generate::run(generate),
+    }
+}

@@ -1,0 +1,797 @@
+//! The engine thread: it owns the models and the KV caches, and runs the step loop
+//! (plan → build rows → forward → steer → sample → emit).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::doctor::DoctorBase;
+use crate::loader::LoadedModel;
+use crate::model::{KvCache, Llama, LogitsSelection, ModelError, Row};
+use crate::tokenizer::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+
+use super::handle::{Command, EngineHandle, EngineState};
+use super::request::{
+    ChoiceEnd, EosPolicy, Event, FinishReason, GenerationRequest, SteeringSummary, TokenEvent,
+    TokenLogprobs, Usage,
+};
+use super::sampling::{Sampler, TokenHistory};
+use super::scheduler::{RequestId, Scheduled, Scheduler, SchedulerConfig};
+use super::steering::{self, DoctorLogits, SteeringInput};
+
+/// Settings of the engine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineConfig {
+    /// Scheduler limits.
+    pub scheduler: SchedulerConfig,
+    /// Seeds the RNG that draws seeds for requests without one.
+    pub seed: Option<u64>,
+}
+
+/// Starts the engine thread for `patient` and returns its handle.
+pub fn start(patient: LoadedModel, config: EngineConfig) -> std::io::Result<EngineHandle> {
+    let (commands, receiver) = mpsc::channel();
+    let state = Arc::new(EngineState::new());
+    let model_config = patient.model.config().clone();
+    let seed = config.seed.unwrap_or_else(rand::random);
+    let engine = Engine {
+        patient,
+        scheduler: Scheduler::new(config.scheduler),
+        active: HashMap::new(),
+        commands: receiver,
+        state: state.clone(),
+        seeds: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+    };
+    let thread = std::thread::Builder::new()
+        .name("llmdoctor-engine".into())
+        .spawn(move || engine.run())?;
+    Ok(EngineHandle {
+        commands,
+        state,
+        next_id: Arc::new(AtomicU64::new(1)),
+        scheduler: config.scheduler,
+        patient_bytes_per_token: model_config.kv_bytes_per_token(),
+        patient_context: model_config.max_position_embeddings,
+        thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+    })
+}
+
+use rand::{RngCore, SeedableRng};
+
+/// One choice of a request: its tokens, its caches (one per row) and its output state.
+struct Choice {
+    index: usize,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    generated: usize,
+    patient_cache: KvCache,
+    /// One per doctor, in request order.
+    doctor_caches: Vec<KvCache>,
+    sampler: Sampler,
+    history: TokenHistory,
+    detokenizer: IncrementalDetokenizer,
+    stop: StopMatcher,
+    finished: bool,
+    kl_sum: f64,
+    changed_tokens: usize,
+}
+
+impl Choice {
+    fn computed(&self) -> usize {
+        self.patient_cache.len()
+    }
+
+    fn clear_caches(&mut self) {
+        self.patient_cache.clear();
+        for cache in &mut self.doctor_caches {
+            cache.clear();
+        }
+    }
+}
+
+/// A request the engine has accepted.
+struct Active {
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+    choices: Vec<Choice>,
+    /// Whether the `n` choices exist yet (they fork from choice 0 after the prompt's prefill).
+    forked: bool,
+    /// KV bytes per position of one choice, over its rows.
+    bytes_per_choice_token: usize,
+    context_limit: usize,
+    base_seed: u64,
+}
+
+/// Which row of a choice a logits tensor belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Patient,
+    Doctor(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RowKey {
+    request: RequestId,
+    choice: usize,
+    slot: Slot,
+}
+
+/// Logits of one choice's rows in a step, converted to host vectors.
+#[derive(Default)]
+struct ChoiceLogits {
+    patient: Option<Vec<f32>>,
+    doctors: Vec<Option<Vec<f32>>>,
+}
+
+struct Engine {
+    patient: LoadedModel,
+    scheduler: Scheduler,
+    active: HashMap<RequestId, Active>,
+    commands: mpsc::Receiver<Command>,
+    state: Arc<EngineState>,
+    seeds: rand_chacha::ChaCha8Rng,
+}
+
+/// How long an idle engine waits for a command before refreshing its heartbeat.
+const IDLE_TICK: Duration = Duration::from_millis(200);
+
+impl Engine {
+    fn run(mut self) {
+        tracing::info!("engine started");
+        loop {
+            let command = if self.scheduler.has_work() {
+                self.commands.try_recv().ok()
+            } else {
+                match self.commands.recv_timeout(IDLE_TICK) {
+                    Ok(command) => Some(command),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(command) = command {
+                if !self.handle_command(command) {
+                    break;
+                }
+                // Drain everything else that is queued before stepping.
+                let mut stop = false;
+                while let Ok(command) = self.commands.try_recv() {
+                    if !self.handle_command(command) {
+                        stop = true;
+                        break;
+                    }
+                }
+                if stop {
+                    break;
+                }
+            }
+            if self.scheduler.has_work() {
+                self.step();
+            }
+            self.publish();
+        }
+        self.abort_all();
+        self.publish();
+        self.state.stopped.store(true, Ordering::Relaxed);
+        tracing::info!("engine stopped");
+    }
+
+    /// Applies one command; returns `false` on shutdown.
+    fn handle_command(&mut self, command: Command) -> bool {
+        match command {
+            Command::Submit {
+                id,
+                request,
+                bytes_per_token,
+                events,
+            } => self.accept(id, *request, bytes_per_token, events),
+            Command::Stall(duration) => {
+                tracing::warn!(?duration, "engine loop stalled on request");
+                std::thread::sleep(duration);
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn accept(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+        bytes_per_token: usize,
+        events: UnboundedSender<Event>,
+    ) {
+        self.state.waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = self
+            .scheduler
+            .enqueue(id, request.prompt_ids.len(), bytes_per_token)
+        {
+            let _ = events.send(Event::Error(err.to_string()));
+            return;
+        }
+        let context_limit = request
+            .steering
+            .doctors
+            .iter()
+            .filter_map(|d| d.doctor.own_context_length())
+            .fold(
+                self.patient.model.config().max_position_embeddings,
+                usize::min,
+            );
+        let base_seed = request
+            .sampling
+            .seed()
+            .unwrap_or_else(|| self.seeds.next_u64());
+        let first = self.new_choice(
+            &request,
+            0,
+            base_seed,
+            request.prompt_ids.clone(),
+            TokenHistory::new(&request.prompt_ids),
+        );
+        self.active.insert(
+            id,
+            Active {
+                bytes_per_choice_token: bytes_per_token / request.n.max(1),
+                choices: vec![first],
+                forked: request.n == 1,
+                request,
+                events,
+                context_limit,
+                base_seed,
+            },
+        );
+    }
+
+    fn new_choice(
+        &self,
+        request: &GenerationRequest,
+        index: usize,
+        base_seed: u64,
+        tokens: Vec<u32>,
+        history: TokenHistory,
+    ) -> Choice {
+        let seed = base_seed.wrapping_add(index as u64);
+        Choice {
+            index,
+            tokens,
+            generated: 0,
+            patient_cache: KvCache::new(),
+            doctor_caches: request
+                .steering
+                .doctors
+                .iter()
+                .map(|_| KvCache::new())
+                .collect(),
+            sampler: Sampler::new(request.sampling.clone().with_seed(Some(seed)), seed),
+            history,
+            detokenizer: IncrementalDetokenizer::new(self.patient.tokenizer.clone()),
+            stop: StopMatcher::new(request.stop_strings.clone()),
+            finished: false,
+            kl_sum: 0.0,
+            changed_tokens: 0,
+        }
+    }
+
+    fn publish(&self) {
+        self.state
+            .running
+            .store(self.scheduler.running_len(), Ordering::Relaxed);
+        self.state
+            .kv_used_bytes
+            .store(self.scheduler.used_bytes(), Ordering::Relaxed);
+        self.state
+            .busy
+            .store(self.scheduler.has_work(), Ordering::Relaxed);
+        self.state.tick();
+    }
+
+    /// Drops requests whose receiver is gone, waiting or running, and frees their caches.
+    fn drop_cancelled(&mut self) {
+        let cancelled: Vec<RequestId> = self
+            .active
+            .iter()
+            .filter(|(_, active)| active.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in cancelled {
+            self.scheduler.remove(id);
+            self.active.remove(&id);
+            tracing::debug!(request_id = id, "request cancelled by the client");
+        }
+    }
+
+    fn step(&mut self) {
+        self.drop_cancelled();
+        let plan = self.scheduler.plan_step();
+        for id in &plan.preempted {
+            if let Some(active) = self.active.get_mut(id) {
+                tracing::debug!(request_id = id, "request preempted, its cache is freed");
+                for choice in &mut active.choices {
+                    choice.clear_caches();
+                }
+            }
+        }
+        if plan.scheduled.is_empty() {
+            return;
+        }
+        let logits = match self.forward(&plan.scheduled) {
+            Ok(logits) => logits,
+            Err(err) => {
+                tracing::error!(%err, "engine step failed");
+                for work in &plan.scheduled {
+                    self.fail(work.id, format!("the model failed: {err}"));
+                }
+                return;
+            }
+        };
+        let mut logits = logits;
+        for work in &plan.scheduled {
+            self.scheduler.advance(work.id, work.tokens);
+            let Some(active) = self.active.get(&work.id) else {
+                continue;
+            };
+            let ready = active
+                .choices
+                .iter()
+                .filter(|c| !c.finished)
+                .all(|c| c.computed() == c.tokens.len());
+            if ready {
+                let mut per_choice = HashMap::new();
+                for ((request, choice), value) in logits.drain_filter_request(work.id) {
+                    debug_assert_eq!(request, work.id);
+                    per_choice.insert(choice, value);
+                }
+                self.sample_request(work.id, per_choice);
+            }
+        }
+    }
+
+    /// Runs every scheduled row: the patient's rows and the rows of doctors on the patient's
+    /// base in one forward, the rows of each other base in their own forward.
+    fn forward(&mut self, scheduled: &[Scheduled]) -> Result<StepLogits, ModelError> {
+        let work: HashMap<RequestId, usize> = scheduled.iter().map(|s| (s.id, s.tokens)).collect();
+        let patient_model = self.patient.model.clone();
+        let mut batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)> =
+            vec![(patient_model.clone(), Vec::new(), Vec::new())];
+
+        for (&id, active) in self.active.iter_mut() {
+            let Some(&tokens) = work.get(&id) else {
+                continue;
+            };
+            let Active {
+                request, choices, ..
+            } = active;
+            for choice in choices.iter_mut().filter(|c| !c.finished) {
+                let start = choice.patient_cache.len();
+                let end = (start + tokens).min(choice.tokens.len());
+                let is_decode =
+                    end - start == 1 && choice.generated > 0 && end == choice.tokens.len();
+                if !is_decode {
+                    self.state
+                        .prefill_tokens
+                        .fetch_add((end - start) as u64, Ordering::Relaxed);
+                }
+                let Choice {
+                    tokens: ids,
+                    patient_cache,
+                    doctor_caches,
+                    index,
+                    ..
+                } = choice;
+                let chunk = &ids[start..end];
+                batches[0].1.push(Row {
+                    tokens: chunk,
+                    cache: patient_cache,
+                    adapter: None,
+                    logits: LogitsSelection::Last,
+                });
+                batches[0].2.push(RowKey {
+                    request: id,
+                    choice: *index,
+                    slot: Slot::Patient,
+                });
+                for (doctor_index, (weight, cache)) in request
+                    .steering
+                    .doctors
+                    .iter()
+                    .zip(doctor_caches.iter_mut())
+                    .enumerate()
+                {
+                    let model = match &weight.doctor.base {
+                        DoctorBase::Patient => patient_model.clone(),
+                        DoctorBase::Separate(base) => base.model.clone(),
+                    };
+                    let batch_index =
+                        match batches.iter().position(|(m, _, _)| Arc::ptr_eq(m, &model)) {
+                            Some(index) => index,
+                            None => {
+                                batches.push((model, Vec::new(), Vec::new()));
+                                batches.len() - 1
+                            }
+                        };
+                    batches[batch_index].1.push(Row {
+                        tokens: chunk,
+                        cache,
+                        adapter: Some(&weight.doctor.adapter),
+                        logits: LogitsSelection::Last,
+                    });
+                    batches[batch_index].2.push(RowKey {
+                        request: id,
+                        choice: *index,
+                        slot: Slot::Doctor(doctor_index),
+                    });
+                }
+            }
+        }
+
+        let mut out = StepLogits::default();
+        for (model, mut rows, keys) in batches {
+            if rows.is_empty() {
+                continue;
+            }
+            let logits = model.forward(&mut rows)?;
+            for (key, tensor) in keys.into_iter().zip(logits) {
+                out.insert(key, tensor);
+            }
+        }
+        Ok(out)
+    }
+
+    fn fail(&mut self, id: RequestId, message: String) {
+        self.scheduler.remove(id);
+        if let Some(active) = self.active.remove(&id) {
+            let _ = active.events.send(Event::Error(message));
+        }
+    }
+
+    /// Samples the next token of every unfinished choice of a request whose rows are all
+    /// computed, then emits tokens and finishes.
+    fn sample_request(&mut self, id: RequestId, logits: HashMap<usize, ChoiceLogits>) {
+        let Some(mut active) = self.active.remove(&id) else {
+            return;
+        };
+        if let Err(message) = self.sample_choices(&mut active, logits) {
+            self.scheduler.remove(id);
+            let _ = active.events.send(Event::Error(message));
+            return;
+        }
+        let alive = active.choices.iter().filter(|c| !c.finished).count();
+        if alive == 0 {
+            self.scheduler.remove(id);
+            let usage = Usage {
+                prompt_tokens: active.request.prompt_ids.len(),
+                completion_tokens: active.choices.iter().map(|c| c.generated).sum(),
+            };
+            let _ = active.events.send(Event::Done(usage));
+            tracing::info!(
+                request_id = id,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                "request finished"
+            );
+            return;
+        }
+        self.scheduler
+            .sampled(id, alive * active.bytes_per_choice_token);
+        self.active.insert(id, active);
+    }
+
+    fn sample_choices(
+        &self,
+        active: &mut Active,
+        mut logits: HashMap<usize, ChoiceLogits>,
+    ) -> Result<(), String> {
+        let vocab = self.patient.tokenizer.vocab_size();
+        if !active.forked {
+            // Choice 0 just finished the prompt: the other choices start from copies of its
+            // caches and sample from the same distribution with their own seeds.
+            let source = logits.remove(&0).unwrap_or_default();
+            for index in 1..active.request.n {
+                let first = &active.choices[0];
+                let mut choice = self.new_choice(
+                    &active.request,
+                    index,
+                    active.base_seed,
+                    first.tokens.clone(),
+                    first.history.clone(),
+                );
+                choice.patient_cache = first.patient_cache.fork().map_err(|e| e.to_string())?;
+                choice.doctor_caches = first
+                    .doctor_caches
+                    .iter()
+                    .map(|c| c.fork())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                active.choices.push(choice);
+                logits.insert(
+                    index,
+                    ChoiceLogits {
+                        patient: source.patient.clone(),
+                        doctors: source.doctors.clone(),
+                    },
+                );
+            }
+            logits.insert(0, source);
+            active.forked = true;
+        }
+
+        let mut combined = Vec::with_capacity(vocab);
+        for choice in active.choices.iter_mut().filter(|c| !c.finished) {
+            let rows = logits
+                .remove(&choice.index)
+                .ok_or_else(|| format!("missing logits for choice {}", choice.index))?;
+            let patient = rows.patient.ok_or("missing patient logits")?;
+            let doctor_logits: Vec<Vec<f32>> = rows
+                .doctors
+                .into_iter()
+                .map(|d| d.ok_or("missing doctor logits"))
+                .collect::<Result<_, _>>()?;
+            let weights: Vec<DoctorLogits<'_>> = active
+                .request
+                .steering
+                .doctors
+                .iter()
+                .zip(&doctor_logits)
+                .map(|(w, logits)| DoctorLogits {
+                    beta: w.beta,
+                    logits,
+                })
+                .collect();
+            let stats = steering::combine(
+                &SteeringInput {
+                    alpha: active.request.steering.alpha,
+                    patient: &patient,
+                    doctors: &weights,
+                },
+                &mut combined,
+            )
+            .map_err(|e| e.to_string())?;
+            let sampled = choice
+                .sampler
+                .sample(&mut combined, &choice.history)
+                .map_err(|e| e.to_string())?;
+            if active.request.steering.is_steered() {
+                choice.kl_sum += f64::from(stats.kl_steered_patient);
+                if stats.changed_top_token() {
+                    choice.changed_tokens += 1;
+                }
+            }
+            let logprobs = choice
+                .sampler
+                .params()
+                .top_logprobs()
+                .map(|_| TokenLogprobs {
+                    logprob: sampled.logprob,
+                    top: sampled
+                        .top_logprobs
+                        .iter()
+                        .map(|t| (t.token, t.logprob))
+                        .collect(),
+                    patient: row_logprob(&patient, sampled.token),
+                    doctors: doctor_logits
+                        .iter()
+                        .map(|d| row_logprob(d, sampled.token))
+                        .collect(),
+                });
+            self.push_token(
+                active_parts(&active.request, &active.events, active.context_limit),
+                choice,
+                sampled.token,
+                logprobs,
+            );
+        }
+        Ok(())
+    }
+
+    /// Appends a sampled token to a choice, emits its text, and finishes the choice when a
+    /// stop condition holds.
+    fn push_token(
+        &self,
+        parts: RequestParts<'_>,
+        choice: &mut Choice,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    ) {
+        choice.generated += 1;
+        self.state.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let is_stop_token = parts.request.stop_token_ids.contains(&token)
+            || (parts.request.eos == EosPolicy::Stop
+                && self.patient.tokenizer.stop_token_ids().contains(&token));
+        if is_stop_token {
+            self.finish(parts, choice, FinishReason::Stop, Some(token));
+            return;
+        }
+        choice.tokens.push(token);
+        choice.history.push(token);
+        let delta = choice
+            .detokenizer
+            .push(token)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let (text, stopped) = match choice.stop.push(&delta) {
+            StopOutcome::Continue { text } => (text, false),
+            StopOutcome::Stopped { text, .. } => (text, true),
+        };
+        let _ = parts.events.send(Event::Token(TokenEvent {
+            choice: choice.index,
+            id: token,
+            text,
+            logprobs,
+        }));
+        if stopped {
+            self.finish(parts, choice, FinishReason::Stop, None);
+        } else if choice.generated >= parts.request.max_tokens
+            || choice.tokens.len() >= parts.context_limit
+        {
+            self.finish(parts, choice, FinishReason::Length, None);
+        }
+    }
+
+    fn finish(
+        &self,
+        parts: RequestParts<'_>,
+        choice: &mut Choice,
+        reason: FinishReason,
+        stop_token: Option<u32>,
+    ) {
+        choice.finished = true;
+        let mut text = String::new();
+        if reason != FinishReason::Stop || !choice.stop.is_stopped() {
+            let flushed = choice
+                .detokenizer
+                .finish()
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            if let StopOutcome::Continue { text: released } = choice.stop.push(&flushed) {
+                text.push_str(&released);
+            }
+            text.push_str(&choice.stop.finish());
+        }
+        choice.clear_caches();
+        let steering = parts
+            .request
+            .steering
+            .is_steered()
+            .then(|| SteeringSummary {
+                doctors: parts
+                    .request
+                    .steering
+                    .doctors
+                    .iter()
+                    .map(|d| (d.doctor.name().to_string(), d.beta))
+                    .collect(),
+                alpha: parts.request.steering.alpha,
+                changed_tokens: choice.changed_tokens,
+                mean_kl: if choice.generated > 0 {
+                    (choice.kl_sum / choice.generated as f64) as f32
+                } else {
+                    0.0
+                },
+            });
+        let _ = parts.events.send(Event::Finished(ChoiceEnd {
+            choice: choice.index,
+            reason,
+            text,
+            completion_tokens: choice.generated,
+            stop_token,
+            steering,
+        }));
+    }
+
+    /// Finishes every request with `abort`, for shutdown.
+    fn abort_all(&mut self) {
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        for id in ids {
+            let Some(mut active) = self.active.remove(&id) else {
+                continue;
+            };
+            self.scheduler.remove(id);
+            let parts_request = active.request.clone();
+            for choice in active.choices.iter_mut().filter(|c| !c.finished) {
+                self.finish(
+                    RequestParts {
+                        request: &parts_request,
+                        events: &active.events,
+                        context_limit: active.context_limit,
+                    },
+                    choice,
+                    FinishReason::Abort,
+                    None,
+                );
+            }
+            let usage = Usage {
+                prompt_tokens: active.request.prompt_ids.len(),
+                completion_tokens: active.choices.iter().map(|c| c.generated).sum(),
+            };
+            let _ = active.events.send(Event::Done(usage));
+        }
+    }
+}
+
+/// The parts of a request that emitting a token needs, borrowed apart from its choices.
+#[derive(Clone, Copy)]
+struct RequestParts<'a> {
+    request: &'a GenerationRequest,
+    events: &'a UnboundedSender<Event>,
+    context_limit: usize,
+}
+
+fn active_parts<'a>(
+    request: &'a GenerationRequest,
+    events: &'a UnboundedSender<Event>,
+    context_limit: usize,
+) -> RequestParts<'a> {
+    RequestParts {
+        request,
+        events,
+        context_limit,
+    }
+}
+
+/// The log-probability of `token` under one row's raw logits.
+fn row_logprob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits[token as usize] - max - sum.ln()
+}
+
+/// The logits tensors of one choice's rows: the patient's, and each doctor's by index.
+#[derive(Default)]
+struct ChoiceTensors {
+    patient: Option<Tensor>,
+    doctors: Vec<(usize, Tensor)>,
+}
+
+/// Logits of one step, by request and choice.
+#[derive(Default)]
+struct StepLogits {
+    tensors: HashMap<(RequestId, usize), ChoiceTensors>,
+}
+
+impl StepLogits {
+    fn insert(&mut self, key: RowKey, tensor: Tensor) {
+        let entry = self.tensors.entry((key.request, key.choice)).or_default();
+        match key.slot {
+            Slot::Patient => entry.patient = Some(tensor),
+            Slot::Doctor(index) => entry.doctors.push((index, tensor)),
+        }
+    }
+
+    /// Removes and converts the logits of every choice of `request`.
+    fn drain_filter_request(
+        &mut self,
+        request: RequestId,
+    ) -> Vec<((RequestId, usize), ChoiceLogits)> {
+        let keys: Vec<(RequestId, usize)> = self
+            .tensors
+            .keys()
+            .filter(|(r, _)| *r == request)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let ChoiceTensors { patient, doctors } = self.tensors.remove(&key)?;
+                let to_vec = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+                let mut doctor_rows = vec![None; doctors.len()];
+                for (index, tensor) in doctors {
+                    if index < doctor_rows.len() {
+                        doctor_rows[index] = to_vec(tensor);
+                    }
+                }
+                Some((
+                    key,
+                    ChoiceLogits {
+                        patient: patient.and_then(to_vec),
+                        doctors: doctor_rows,
+                    },
+                ))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,712 @@
+//! The engine on tiny random models and on the real patient: steering, determinism,
+//! cancellation, preemption, hot swap and text handling.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use llmdoctor::doctor::{DoctorBaseSpec, DoctorManifest, DoctorRegistry};
+use llmdoctor::engine::core::{start, EngineConfig};
+use llmdoctor::engine::handle::EngineHandle;
+use llmdoctor::engine::request::{
+    DoctorWeight, EosPolicy, Event, FinishReason, GenerationRequest, Steering,
+};
+use llmdoctor::engine::sampling::{RawSamplingParams, SamplingParams};
+use llmdoctor::engine::scheduler::SchedulerConfig;
+use llmdoctor::loader::{load_model, LoadedModel};
+use llmdoctor::model::lora::{AdapterConfig, Projection};
+use llmdoctor::model::tiny::{uniform, TinySpec, TinyWeights};
+use llmdoctor::model::LoadOptions;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::Ordering;
+
+/// The token the marker adapter pushes up: byte `#`.
+const MARKER: u32 = b'#' as u32;
+
+struct Reply {
+    ids: Vec<u32>,
+    text: String,
+    reason: FinishReason,
+    changed_tokens: Option<usize>,
+}
+
+fn tiny_patient(dir: &Path) -> LoadedModel {
+    let weights = TinyWeights::random(TinySpec::default()).unwrap();
+    let path = dir.join("tiny.gguf");
+    weights.write_gguf(&path, GgmlDType::Q8_0).unwrap();
+    load_model(&path, &LoadOptions::default(), &Device::Cpu).unwrap()
+}
+
+fn sampling(temperature: f32, seed: Option<u64>) -> SamplingParams {
+    SamplingParams::validate(
+        RawSamplingParams {
+            temperature: Some(temperature),
+            seed,
+            ..RawSamplingParams::default()
+        },
+        1 << 20,
+    )
+    .unwrap()
+}
+
+fn request(
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: SamplingParams,
+    steering: Steering,
+) -> GenerationRequest {
+    GenerationRequest {
+        prompt_ids: prompt.to_vec(),
+        sampling,
+        max_tokens,
+        stop_strings: Vec::new(),
+        stop_token_ids: Vec::new(),
+        eos: EosPolicy::Ignore,
+        n: 1,
+        steering,
+    }
+}
+
+fn collect(mut events: llmdoctor::engine::handle::EventReceiver) -> Reply {
+    let mut reply = Reply {
+        ids: Vec::new(),
+        text: String::new(),
+        reason: FinishReason::Abort,
+        changed_tokens: None,
+    };
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token(token) => {
+                reply.ids.push(token.id);
+                reply.text.push_str(&token.text);
+            }
+            Event::Finished(end) => {
+                reply.ids.extend(end.stop_token);
+                reply.text.push_str(&end.text);
+                reply.reason = end.reason;
+                reply.changed_tokens = end.steering.map(|s| s.changed_tokens);
+            }
+            Event::Done(_) => break,
+            Event::Error(message) => panic!("engine error: {message}"),
+        }
+    }
+    reply
+}
+
+fn run(engine: &EngineHandle, request: GenerationRequest) -> Reply {
+    collect(engine.submit(request).unwrap())
+}
+
+/// Writes a doctor folder whose adapter is `tensors`.
+fn write_doctor(
+    doctors: &Path,
+    name: &str,
+    tensors: &HashMap<String, Tensor>,
+    base: DoctorBaseSpec,
+) {
+    let dir = doctors.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    candle_core::safetensors::save(tensors, dir.join("adapter.safetensors")).unwrap();
+    let config = AdapterConfig {
+        r: 1,
+        lora_alpha: 1.0,
+        use_rslora: false,
+        target_modules: vec!["down_proj".into()],
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    };
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    DoctorManifest {
+        name: name.into(),
+        description: "test doctor".into(),
+        base,
+        adapter: "adapter.safetensors".into(),
+        adapter_config: "adapter_config.json".into(),
+        default_beta: 1.0,
+        training: toml::Table::new(),
+    }
+    .write(&dir)
+    .unwrap();
+}
+
+/// A rank-1 adapter on the last layer's `down_proj`: `B` is `scale` times the embedding row of
+/// `token` (the output head is tied), `A` is random, so at positions where `A·x > 0` the
+/// residual stream moves toward `token`.
+fn marker_adapter(
+    model: &LoadedModel,
+    token: u32,
+    scale: f32,
+    seed: u64,
+) -> HashMap<String, Tensor> {
+    let config = model.model.config();
+    let layer = config.num_layers - 1;
+    let prefix = Projection::Down.peft_prefix(layer);
+    let embedding = TinyWeights::random(TinySpec::default()).unwrap().tensors
+        ["model.embed_tokens.weight"]
+        .narrow(0, token as usize, 1)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let a = uniform(&mut rng, (1, config.intermediate_size), 1.0).unwrap();
+    let mut tensors = HashMap::new();
+    tensors.insert(format!("{prefix}.lora_A.weight"), a);
+    tensors.insert(
+        format!("{prefix}.lora_B.weight"),
+        (embedding * scale as f64).unwrap(),
+    );
+    tensors
+}
+
+fn zero_adapter(model: &LoadedModel) -> HashMap<String, Tensor> {
+    let mut tensors = marker_adapter(model, MARKER, 1.0, 1);
+    for tensor in tensors.values_mut() {
+        if tensor.dims()[1] == 1 {
+            *tensor = tensor.zeros_like().unwrap();
+        }
+    }
+    tensors
+}
+
+struct Tiny {
+    _dir: tempfile::TempDir,
+    engine: EngineHandle,
+    registry: Arc<DoctorRegistry>,
+    patient: LoadedModel,
+}
+
+fn tiny_engine(scheduler: SchedulerConfig) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let patient = tiny_patient(dir.path());
+    let doctors = dir.path().join("doctors");
+    std::fs::create_dir_all(&doctors).unwrap();
+    write_doctor(
+        &doctors,
+        "marker",
+        &marker_adapter(&patient, MARKER, 40.0, 3),
+        DoctorBaseSpec::Patient,
+    );
+    write_doctor(
+        &doctors,
+        "zero",
+        &zero_adapter(&patient),
+        DoctorBaseSpec::Patient,
+    );
+    let registry = Arc::new(DoctorRegistry::new(
+        doctors,
+        patient.clone(),
+        LoadOptions::default(),
+    ));
+    assert!(registry.load_all().is_empty());
+    let engine = start(
+        patient.clone(),
+        EngineConfig {
+            scheduler,
+            seed: Some(1),
+        },
+    )
+    .unwrap();
+    Tiny {
+        _dir: dir,
+        engine,
+        registry,
+        patient,
+    }
+}
+
+fn steer(registry: &DoctorRegistry, doctors: &[(&str, f32)]) -> Steering {
+    Steering {
+        alpha: 1.0,
+        doctors: doctors
+            .iter()
+            .map(|(name, beta)| DoctorWeight {
+                doctor: registry.get(name).unwrap(),
+                beta: *beta,
+            })
+            .collect(),
+    }
+}
+
+const PROMPT: &[u32] = &[257, 72, 105, 32, 116, 104, 101, 114, 101, 10];
+
+#[test]
+fn zero_beta_is_byte_identical_to_unsteered() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 24, sampling(0.0, None), Steering::default()),
+    );
+    for doctors in [vec![("marker", 0.0)], vec![("marker", 0.0), ("zero", 0.0)]] {
+        let steered = run(
+            &tiny.engine,
+            request(
+                PROMPT,
+                24,
+                sampling(0.0, None),
+                steer(&tiny.registry, &doctors),
+            ),
+        );
+        assert_eq!(steered.ids, plain.ids, "{doctors:?}");
+        assert_eq!(steered.text, plain.text, "{doctors:?}");
+    }
+}
+
+#[test]
+fn zero_adapter_leaves_greedy_output_unchanged() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 24, sampling(0.0, None), Steering::default()),
+    );
+    for beta in [0.5, 1.0, 4.0] {
+        let steered = run(
+            &tiny.engine,
+            request(
+                PROMPT,
+                24,
+                sampling(0.0, None),
+                steer(&tiny.registry, &[("zero", beta)]),
+            ),
+        );
+        assert_eq!(steered.ids, plain.ids, "β = {beta}");
+        assert_eq!(steered.changed_tokens, Some(0), "β = {beta}");
+    }
+}
+
+#[test]
+fn marker_doctor_makes_marker_appear() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 32, sampling(0.0, None), Steering::default()),
+    );
+    let plain_count = plain.ids.iter().filter(|&&t| t == MARKER).count();
+    let steered = run(
+        &tiny.engine,
+        request(
+            PROMPT,
+            32,
+            sampling(0.0, None),
+            steer(&tiny.registry, &[("marker", 1.0)]),
+        ),
+    );
+    let steered_count = steered.ids.iter().filter(|&&t| t == MARKER).count();
+    assert!(
+        steered_count >= plain_count + 4,
+        "marker appears {steered_count} times steered, {plain_count} unsteered"
+    );
+    assert!(steered.changed_tokens.unwrap() > 0);
+}
+
+#[test]
+fn stop_string_across_tokens_never_leaks() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 40, sampling(0.0, None), Steering::default()),
+    );
+    // Byte tokens: any 3-character window spans 3 tokens.
+    let chars: Vec<char> = plain.text.chars().collect();
+    assert!(chars.len() > 12, "reply too short: {:?}", plain.text);
+    let stop: String = chars[6..9].iter().collect();
+    let cut = plain.text.find(&stop).unwrap();
+    let mut stopped_request = request(PROMPT, 40, sampling(0.0, None), Steering::default());
+    stopped_request.stop_strings = vec![stop.clone()];
+    let stopped = run(&tiny.engine, stopped_request);
+    assert_eq!(stopped.reason, FinishReason::Stop);
+    assert_eq!(stopped.text, plain.text[..cut], "stop string {stop:?}");
+}
+
+#[test]
+fn max_tokens_finishes_with_length() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let reply = run(
+        &tiny.engine,
+        request(PROMPT, 7, sampling(0.0, None), Steering::default()),
+    );
+    assert_eq!(reply.reason, FinishReason::Length);
+    assert_eq!(reply.ids.len(), 7);
+}
+
+#[test]
+fn preemption_completes_everything_with_same_outputs() {
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..10 + 7 * i).map(|j| (i * 13 + j * 5) % 256).collect())
+        .collect();
+    let unconstrained = tiny_engine(SchedulerConfig::default());
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            run(
+                &unconstrained.engine,
+                request(p, 40, sampling(0.0, None), Steering::default()),
+            )
+            .ids
+        })
+        .collect();
+
+    let bytes_per_token = unconstrained.patient.model.config().kv_bytes_per_token();
+    let tight = tiny_engine(SchedulerConfig {
+        kv_budget_bytes: 160 * bytes_per_token,
+        ..SchedulerConfig::default()
+    });
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            tight
+                .engine
+                .submit(request(p, 40, sampling(0.0, None), Steering::default()))
+                .unwrap()
+        })
+        .collect();
+    for (index, receiver) in receivers.into_iter().enumerate() {
+        let reply = collect(receiver);
+        assert_eq!(reply.ids, expected[index], "request {index}");
+    }
+    let recomputed = tight.engine.state().prefill_tokens.load(Ordering::Relaxed);
+    let prompt_total: usize = prompts.iter().map(Vec::len).sum();
+    assert!(
+        recomputed > prompt_total as u64,
+        "no request was preempted ({recomputed} prefill tokens for {prompt_total} prompt tokens)"
+    );
+}
+
+fn wait_until(mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the engine"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn dropped_receiver_frees_kv_cache() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let state = tiny.engine.state();
+    let before = state.kv_used_bytes.load(Ordering::Relaxed);
+    let mut events = tiny
+        .engine
+        .submit(request(
+            PROMPT,
+            200,
+            sampling(0.0, None),
+            Steering::default(),
+        ))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(events.blocking_recv(), Some(Event::Token(_))));
+    }
+    assert!(state.kv_used_bytes.load(Ordering::Relaxed) > before);
+    drop(events);
+    wait_until(|| {
+        state.kv_used_bytes.load(Ordering::Relaxed) == before
+            && state.running.load(Ordering::Relaxed) == 0
+    });
+}
+
+#[test]
+fn request_cancelled_while_waiting_is_never_prefilled() {
+    let tiny = tiny_engine(SchedulerConfig {
+        max_num_seqs: 1,
+        ..SchedulerConfig::default()
+    });
+    let first = tiny
+        .engine
+        .submit(request(
+            PROMPT,
+            60,
+            sampling(0.0, None),
+            Steering::default(),
+        ))
+        .unwrap();
+    let waiting = tiny
+        .engine
+        .submit(request(
+            &[65; 30],
+            10,
+            sampling(0.0, None),
+            Steering::default(),
+        ))
+        .unwrap();
+    drop(waiting);
+    let reply = collect(first);
+    assert_eq!(reply.ids.len(), 60);
+    // Let the engine run one more iteration over the cancelled request.
+    std::thread::sleep(Duration::from_millis(300));
+    let prefilled = tiny.engine.state().prefill_tokens.load(Ordering::Relaxed);
+    assert_eq!(
+        prefilled,
+        PROMPT.len() as u64,
+        "the cancelled request was prefilled"
+    );
+}
+
+#[test]
+fn hot_swap_keeps_running_requests_on_old_version() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let doctors_dir = tiny.registry.dir().to_path_buf();
+    let old_adapter = marker_adapter(&tiny.patient, MARKER, 40.0, 3);
+    let new_adapter = marker_adapter(&tiny.patient, b'!' as u32, 40.0, 5);
+    let greedy = |steering: Steering| request(PROMPT, 30, sampling(0.0, None), steering);
+
+    write_doctor(&doctors_dir, "swap", &old_adapter, DoctorBaseSpec::Patient);
+    tiny.registry.load("swap").unwrap();
+    let old_reference = run(
+        &tiny.engine,
+        greedy(steer(&tiny.registry, &[("swap", 1.0)])),
+    );
+    write_doctor(&doctors_dir, "swap", &new_adapter, DoctorBaseSpec::Patient);
+    tiny.registry.load("swap").unwrap();
+    let new_reference = run(
+        &tiny.engine,
+        greedy(steer(&tiny.registry, &[("swap", 1.0)])),
+    );
+    assert_ne!(
+        old_reference.ids, new_reference.ids,
+        "the two versions must differ"
+    );
+
+    write_doctor(&doctors_dir, "swap", &old_adapter, DoctorBaseSpec::Patient);
+    tiny.registry.load("swap").unwrap();
+    let mut in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            tiny.engine
+                .submit(greedy(steer(&tiny.registry, &[("swap", 1.0)])))
+                .unwrap()
+        })
+        .collect();
+    let mut first_ids = Vec::new();
+    for events in &mut in_flight {
+        match events.blocking_recv() {
+            Some(Event::Token(token)) => first_ids.push(token.id),
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+    write_doctor(&doctors_dir, "swap", &new_adapter, DoctorBaseSpec::Patient);
+    tiny.registry.load("swap").unwrap();
+    let after_swap = run(
+        &tiny.engine,
+        greedy(steer(&tiny.registry, &[("swap", 1.0)])),
+    );
+    assert_eq!(
+        after_swap.ids, new_reference.ids,
+        "a new request must use the new version"
+    );
+    for (index, events) in in_flight.into_iter().enumerate() {
+        let mut reply = collect(events);
+        reply.ids.insert(0, first_ids[index]);
+        assert_eq!(
+            reply.ids, old_reference.ids,
+            "request {index} changed version mid-flight"
+        );
+    }
+
+    // Unloading a doctor in use does not disturb its request.
+    let events = tiny
+        .engine
+        .submit(greedy(steer(&tiny.registry, &[("swap", 1.0)])))
+        .unwrap();
+    tiny.registry.unload("swap").unwrap();
+    assert_eq!(collect(events).ids, new_reference.ids);
+    assert!(tiny.registry.get("swap").is_err());
+}
+
+#[test]
+fn doctor_with_other_vocabulary_is_rejected() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let doctors_dir = tiny.registry.dir().to_path_buf();
+    // A base whose vocabulary differs in one token string.
+    let spec = TinySpec {
+        seed: 99,
+        ..TinySpec::default()
+    };
+    let weights = TinyWeights::random(spec).unwrap();
+    let base_dir = doctors_dir.join("alien");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    weights.write_hf_dir(&base_dir.join("base")).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        let path = base_dir.join("base").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("<|im_end|>", "<|eot_id|>")).unwrap();
+    }
+    write_doctor(
+        &doctors_dir,
+        "alien",
+        &zero_adapter(&tiny.patient),
+        DoctorBaseSpec::Path("base".into()),
+    );
+
+    let before: Vec<String> = tiny
+        .registry
+        .list()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect();
+    let err = tiny.registry.load("alien").unwrap_err().to_string();
+    assert!(err.contains("cannot steer this patient"), "{err}");
+    assert!(err.contains("<|eot_id|>"), "{err}");
+    let after: Vec<String> = tiny
+        .registry
+        .list()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn doctor_with_separate_base_runs_its_own_forward() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let doctors_dir = tiny.registry.dir().to_path_buf();
+    // Same vocabulary, other weights.
+    let spec = TinySpec {
+        seed: 42,
+        ..TinySpec::default()
+    };
+    let base_dir = doctors_dir.join("other");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    TinyWeights::random(spec)
+        .unwrap()
+        .write_gguf(&base_dir.join("base.gguf"), GgmlDType::Q8_0)
+        .unwrap();
+    write_doctor(
+        &doctors_dir,
+        "other",
+        &zero_adapter(&tiny.patient),
+        DoctorBaseSpec::Path("base.gguf".into()),
+    );
+    tiny.registry.load("other").unwrap();
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 24, sampling(0.0, None), Steering::default()),
+    );
+    let steered = run(
+        &tiny.engine,
+        request(
+            PROMPT,
+            24,
+            sampling(0.0, None),
+            steer(&tiny.registry, &[("other", 2.0)]),
+        ),
+    );
+    assert_ne!(
+        plain.ids, steered.ids,
+        "a doctor with its own weights must change the output"
+    );
+}
+
+#[test]
+fn n_choices_share_prefill_and_differ() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let mut req = request(PROMPT, 12, sampling(1.0, Some(5)), Steering::default());
+    req.n = 3;
+    let mut events = tiny.engine.submit(req).unwrap();
+    let mut per_choice: HashMap<usize, Vec<u32>> = HashMap::new();
+    let mut finished = 0;
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token(token) => per_choice.entry(token.choice).or_default().push(token.id),
+            Event::Finished(_) => finished += 1,
+            Event::Done(usage) => {
+                assert_eq!(usage.completion_tokens, 36);
+                break;
+            }
+            Event::Error(message) => panic!("{message}"),
+        }
+    }
+    assert_eq!(finished, 3);
+    assert_eq!(per_choice.len(), 3);
+    assert_ne!(per_choice[&0], per_choice[&1]);
+    let prefilled = tiny.engine.state().prefill_tokens.load(Ordering::Relaxed);
+    assert_eq!(
+        prefilled,
+        PROMPT.len() as u64,
+        "the prompt must be prefilled once"
+    );
+}
+
+/// Seeded sampling on the real model gives the same tokens alone and among 7 other requests
+/// of different lengths, with and without a doctor.
+#[test]
+fn real_model_seeded_output_independent_of_batch() {
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let patient = load_model(&path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let doctors = dir.path().join("doctors");
+    // A random low-rank adapter on the real model.
+    let config = patient.model.config().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let prefix = Projection::Down.peft_prefix(config.num_layers - 1);
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        format!("{prefix}.lora_A.weight"),
+        uniform(&mut rng, (1, config.intermediate_size), 0.05).unwrap(),
+    );
+    tensors.insert(
+        format!("{prefix}.lora_B.weight"),
+        uniform(&mut rng, (config.hidden_size, 1), 0.5).unwrap(),
+    );
+    write_doctor(&doctors, "random", &tensors, DoctorBaseSpec::Patient);
+    let registry = DoctorRegistry::new(doctors, patient.clone(), LoadOptions::default());
+    registry.load("random").unwrap();
+    let engine = start(patient.clone(), EngineConfig::default()).unwrap();
+    let tokenizer = patient.tokenizer.clone();
+    let prompt_of = |text: &str| llmdoctor::generate::prompt_ids(&tokenizer, None, text).unwrap();
+
+    let target_prompt = prompt_of("Write a short poem about the moon.");
+    for steering in [Steering::default(), steer(&registry, &[("random", 0.7)])] {
+        let target = || {
+            request(
+                &target_prompt,
+                16,
+                sampling(0.9, Some(1234)),
+                steering.clone(),
+            )
+        };
+        let alone = run(&engine, target());
+        let others: Vec<_> = (0..7)
+            .map(|i| {
+                let text = format!(
+                    "Question {i}: {}",
+                    "tell me something interesting. ".repeat(i + 1)
+                );
+                engine
+                    .submit(request(
+                        &prompt_of(&text),
+                        8 + 2 * i,
+                        sampling(1.0, Some(i as u64)),
+                        steering.clone(),
+                    ))
+                    .unwrap()
+            })
+            .collect();
+        let together = run(&engine, target());
+        for other in others {
+            collect(other);
+        }
+        assert_eq!(
+            alone.ids,
+            together.ids,
+            "steered: {}",
+            steering.is_steered()
+        );
+    }
+    engine.shutdown();
+}
