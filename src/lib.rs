@@ -11,6 +11,7 @@
 //! - [`doctor`]: doctor manifests and the registry that loads, replaces and unloads them.
 //! - [`engine`]: the engine thread: continuous-batching scheduler, sequences, sampling and
 //!   steering.
+//! - [`bench`]: engine throughput and latency measurements behind `llmdoctor bench`.
 //! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
 //! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
 //! - [`train`]: preference data, stage-1 token rewards and the TFPO losses and value head used
@@ -20,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod doctor;
 pub mod engine;
 pub mod fetch;

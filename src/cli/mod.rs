@@ -1,5 +1,6 @@
 //! Command-line arguments and dispatch.
 
+mod bench;
 mod generate;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum Command {
     },
     /// Generate a reply to one chat prompt, optionally steered by doctors.
     Generate(generate::GenerateArgs),
+    /// Measure engine throughput and latency on the model, unsteered and with doctors.
+    Bench(bench::BenchArgs),
 }
 
 /// How quantised weights are kept in memory.
@@ -70,7 +73,7 @@ pub fn model_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 pub fn init_logging(args: &Cli) {
     let default = match args.command {
         Command::FetchModel { .. } => "info",
-        Command::Generate(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) => "warn",
     };
     let filter = args
         .log
@@ -103,5 +106,6 @@ pub fn run(args: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(generate) => generate::run(generate),
+        Command::Bench(bench) => bench::run(bench),
     }
 }

@@ -1,0 +1,251 @@
+//! `llmdoctor bench`: throughput and latency of the engine, driven directly (no HTTP).
+//!
+//! Each configuration (steering mode × concurrency) runs `repeats` times; every run submits
+//! `concurrency` requests with distinct prompts and `ignore_eos`, so every request generates
+//! exactly `max_tokens` tokens. Figures are medians over the runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::doctor::Doctor;
+use crate::engine::handle::{EngineError, EngineHandle};
+use crate::engine::request::{DoctorWeight, EosPolicy, Event, GenerationRequest, Steering};
+use crate::engine::sampling::SamplingParams;
+
+/// A steering mode to measure.
+#[derive(Clone, Debug)]
+pub struct BenchMode {
+    /// Label in the output (`unsteered`, `1 doctor`, …).
+    pub name: String,
+    /// Doctors and their β.
+    pub doctors: Vec<(Arc<Doctor>, f32)>,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    /// Steering modes; the first is the baseline for ratios.
+    pub modes: Vec<BenchMode>,
+    /// Concurrency levels.
+    pub concurrency: Vec<usize>,
+    /// Runs per configuration.
+    pub repeats: usize,
+    /// Tokens generated per request.
+    pub max_tokens: usize,
+    /// Prompts; request `i` uses `prompts[i % len]`.
+    pub prompts: Vec<Vec<u32>>,
+}
+
+/// Medians of one configuration.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BenchResult {
+    /// Steering mode.
+    pub mode: String,
+    /// Concurrent requests.
+    pub concurrency: usize,
+    /// Runs measured.
+    pub runs: usize,
+    /// Generated tokens per second over all requests, after each request's first token.
+    pub decode_tokens_per_second: f64,
+    /// Median gap between consecutive tokens of one request, milliseconds.
+    pub itl_p50_ms: f64,
+    /// 95th percentile of that gap, milliseconds.
+    pub itl_p95_ms: f64,
+    /// Median time to first token, milliseconds.
+    pub ttft_p50_ms: f64,
+    /// Decode throughput relative to the first mode at the same concurrency.
+    pub ratio_to_baseline: f64,
+}
+
+/// One run's raw measurements.
+struct RunStats {
+    decode_tokens_per_second: f64,
+    itl_ms: Vec<f64>,
+    ttft_ms: Vec<f64>,
+}
+
+/// Runs every configuration of `plan`.
+pub fn run(engine: &EngineHandle, plan: &BenchPlan) -> Result<Vec<BenchResult>, EngineError> {
+    let mut results: Vec<BenchResult> = Vec::new();
+    for &concurrency in &plan.concurrency {
+        for mode in &plan.modes {
+            let mut runs = Vec::with_capacity(plan.repeats);
+            for _ in 0..plan.repeats {
+                runs.push(run_once(engine, plan, mode, concurrency)?);
+            }
+            let mut throughput: Vec<f64> =
+                runs.iter().map(|r| r.decode_tokens_per_second).collect();
+            let mut itl: Vec<f64> = runs.iter().flat_map(|r| r.itl_ms.iter().copied()).collect();
+            let mut ttft: Vec<f64> = runs
+                .iter()
+                .flat_map(|r| r.ttft_ms.iter().copied())
+                .collect();
+            let decode = percentile(&mut throughput, 0.5);
+            let baseline = results
+                .iter()
+                .find(|r| r.concurrency == concurrency)
+                .map_or(decode, |r| r.decode_tokens_per_second);
+            results.push(BenchResult {
+                mode: mode.name.clone(),
+                concurrency,
+                runs: runs.len(),
+                decode_tokens_per_second: decode,
+                itl_p50_ms: percentile(&mut itl, 0.5),
+                itl_p95_ms: percentile(&mut itl, 0.95),
+                ttft_p50_ms: percentile(&mut ttft, 0.5),
+                ratio_to_baseline: decode / baseline,
+            });
+        }
+    }
+    Ok(results)
+}
+
+fn run_once(
+    engine: &EngineHandle,
+    plan: &BenchPlan,
+    mode: &BenchMode,
+    concurrency: usize,
+) -> Result<RunStats, EngineError> {
+    let steering = Steering {
+        alpha: 1.0,
+        doctors: mode
+            .doctors
+            .iter()
+            .map(|(doctor, beta)| DoctorWeight {
+                doctor: doctor.clone(),
+                beta: *beta,
+            })
+            .collect(),
+    };
+    let start = Instant::now();
+    let mut receivers = Vec::with_capacity(concurrency);
+    for index in 0..concurrency {
+        let request = GenerationRequest {
+            prompt_ids: plan.prompts[index % plan.prompts.len()].clone(),
+            sampling: SamplingParams::greedy(),
+            max_tokens: plan.max_tokens,
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            eos: EosPolicy::Ignore,
+            n: 1,
+            steering: steering.clone(),
+        };
+        receivers.push(engine.submit(request)?);
+    }
+    // Token arrival times per request. The receivers are drained in turn; events queue in
+    // the channels meanwhile, so timestamps are taken when each event is read. Reading is far
+    // faster than a decode step, so the error is small next to the step time.
+    let mut arrivals: Vec<Vec<Duration>> = vec![Vec::new(); concurrency];
+    let mut open = concurrency;
+    let mut done = vec![false; concurrency];
+    while open > 0 {
+        let mut progressed = false;
+        for (index, receiver) in receivers.iter_mut().enumerate() {
+            if done[index] {
+                continue;
+            }
+            while let Ok(event) = receiver.try_recv() {
+                progressed = true;
+                match event {
+                    Event::Token(_) => arrivals[index].push(start.elapsed()),
+                    Event::Done(_) | Event::Error(_) => {
+                        done[index] = true;
+                        open -= 1;
+                        break;
+                    }
+                    Event::Finished(_) => {}
+                }
+            }
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    let first_token = arrivals
+        .iter()
+        .filter_map(|a| a.first().copied())
+        .min()
+        .unwrap_or_default();
+    let end = arrivals
+        .iter()
+        .filter_map(|a| a.last().copied())
+        .max()
+        .unwrap_or_default();
+    let decode_tokens: usize = arrivals.iter().map(|a| a.len().saturating_sub(1)).sum();
+    let window = (end - first_token).as_secs_f64().max(1e-9);
+    let itl_ms = arrivals
+        .iter()
+        .flat_map(|a| a.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3))
+        .collect();
+    let ttft_ms = arrivals
+        .iter()
+        .filter_map(|a| a.first().map(|t| t.as_secs_f64() * 1e3))
+        .collect();
+    Ok(RunStats {
+        decode_tokens_per_second: decode_tokens as f64 / window,
+        itl_ms,
+        ttft_ms,
+    })
+}
+
+/// Measures prefill throughput: one request with `prompt` and a single generated token, as
+/// prompt tokens per second of time to first token. Returns the median of `repeats` runs.
+pub fn prefill_tokens_per_second(
+    engine: &EngineHandle,
+    prompt: &[u32],
+    repeats: usize,
+) -> Result<f64, EngineError> {
+    let mut rates = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let request = GenerationRequest {
+            prompt_ids: prompt.to_vec(),
+            sampling: SamplingParams::greedy(),
+            max_tokens: 1,
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            eos: EosPolicy::Ignore,
+            n: 1,
+            steering: Steering::default(),
+        };
+        let start = Instant::now();
+        let mut receiver = engine.submit(request)?;
+        let mut first = None;
+        while let Some(event) = receiver.blocking_recv() {
+            match event {
+                Event::Token(_) if first.is_none() => first = Some(start.elapsed()),
+                Event::Done(_) | Event::Error(_) => break,
+                _ => {}
+            }
+        }
+        let elapsed = first.unwrap_or_else(|| start.elapsed()).as_secs_f64();
+        rates.push(prompt.len() as f64 / elapsed.max(1e-9));
+    }
+    Ok(percentile(&mut rates, 0.5))
+}
+
+/// The `q` quantile (0..=1) by nearest rank; 0 for an empty slice.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((values.len() - 1) as f64 * q).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentile_picks_nearest_rank() {
+        let mut values = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&mut values, 0.5), 3.0);
+        assert_eq!(percentile(&mut values, 0.0), 1.0);
+        assert_eq!(percentile(&mut values, 1.0), 5.0);
+        assert_eq!(percentile(&mut [], 0.5), 0.0);
+    }
+}

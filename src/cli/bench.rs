@@ -1,0 +1,203 @@
+//! `llmdoctor bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use llmdoctor::bench::{self, BenchMode, BenchPlan};
+use llmdoctor::doctor::{Doctor, DoctorBase, DoctorManifest};
+use llmdoctor::engine::core::{self as engine, EngineConfig};
+use llmdoctor::generate::prompt_ids;
+use llmdoctor::loader::{load_model, LoadedModel};
+use llmdoctor::model::lora::{AdapterConfig, Projection};
+use llmdoctor::model::LoraAdapter;
+
+use super::{model_path, QuantArg};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model file (.gguf) or Hugging Face folder; defaults to the fetched patient.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// How quantised weights are kept in memory.
+    #[arg(long, value_enum, default_value_t = QuantArg::Fast)]
+    quant: QuantArg,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+    concurrency: Vec<usize>,
+    /// Runs per configuration; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Tokens generated per request (EOS is ignored).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Prompt length of the prefill measurement, in tokens.
+    #[arg(long, default_value_t = 200)]
+    prefill_tokens: usize,
+    /// LoRA rank of the benchmark doctors (random adapters on every projection).
+    #[arg(long, default_value_t = 8)]
+    doctor_rank: usize,
+    /// Print one JSON object per configuration instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0, "`--repeats` must be at least 1");
+    anyhow::ensure!(
+        args.concurrency.iter().all(|&c| c > 0),
+        "every `--concurrency` level must be at least 1"
+    );
+    let path = model_path(args.model.clone())?;
+    let patient = load_model(&path, &args.quant.load_options(), &Device::Cpu)
+        .with_context(|| format!("failed to load the model `{}`", path.display()))?;
+    let doctors: Vec<Arc<Doctor>> = (0..2)
+        .map(|i| random_doctor(&patient, &format!("bench-{i}"), args.doctor_rank, i as u64))
+        .collect::<anyhow::Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = (0..16)
+        .map(|i| {
+            let text = format!(
+                "Question {i}: describe {} in a few sentences.",
+                TOPICS[i % TOPICS.len()]
+            );
+            prompt_ids(&patient.tokenizer, None, &text)
+        })
+        .collect::<Result<_, _>>()?;
+    let long_prompt = prefill_prompt(&patient, args.prefill_tokens)?;
+
+    let handle = engine::start(patient, EngineConfig::default())?;
+    let plan = BenchPlan {
+        modes: vec![
+            BenchMode {
+                name: "unsteered".into(),
+                doctors: Vec::new(),
+            },
+            BenchMode {
+                name: "1 doctor".into(),
+                doctors: vec![(doctors[0].clone(), 0.5)],
+            },
+            BenchMode {
+                name: "2 doctors".into(),
+                doctors: vec![(doctors[0].clone(), 0.5), (doctors[1].clone(), 0.5)],
+            },
+        ],
+        concurrency: args.concurrency.clone(),
+        repeats: args.repeats,
+        max_tokens: args.max_tokens,
+        prompts,
+    };
+    let prefill = bench::prefill_tokens_per_second(&handle, &long_prompt, args.repeats)?;
+    let results = bench::run(&handle, &plan)?;
+    handle.shutdown();
+
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"mode": "prefill", "prompt_tokens": long_prompt.len(), "runs": args.repeats, "prefill_tokens_per_second": prefill})
+        );
+        for result in &results {
+            println!("{}", serde_json::to_string(result)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "prefill: {:.1} tok/s ({} prompt tokens, median of {})",
+        prefill,
+        long_prompt.len(),
+        args.repeats
+    );
+    println!(
+        "{:<10} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9}",
+        "mode", "conc", "decode tok/s", "ITL p50 ms", "ITL p95 ms", "TTFT ms", "ratio"
+    );
+    for r in &results {
+        println!(
+            "{:<10} {:>4} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2}",
+            r.mode,
+            r.concurrency,
+            r.decode_tokens_per_second,
+            r.itl_p50_ms,
+            r.itl_p95_ms,
+            r.ttft_p50_ms,
+            r.ratio_to_baseline
+        );
+    }
+    Ok(())
+}
+
+const TOPICS: [&str; 8] = [
+    "the moon",
+    "a rainforest",
+    "the history of bread",
+    "how bicycles work",
+    "volcanoes",
+    "a chess opening",
+    "the water cycle",
+    "jazz music",
+];
+
+/// A chat prompt of about `tokens` tokens.
+fn prefill_prompt(patient: &LoadedModel, tokens: usize) -> anyhow::Result<Vec<u32>> {
+    let sentence = "The quick brown fox jumps over the lazy dog near the river bank. ";
+    let mut text = String::new();
+    loop {
+        let ids = prompt_ids(&patient.tokenizer, None, &text)?;
+        if ids.len() >= tokens {
+            return Ok(ids[ids.len() - tokens..].to_vec());
+        }
+        text.push_str(sentence);
+    }
+}
+
+/// A doctor on the patient's base with a random rank-`rank` adapter on every projection, so it
+/// costs what a trained doctor costs.
+fn random_doctor(
+    patient: &LoadedModel,
+    name: &str,
+    rank: usize,
+    seed: u64,
+) -> anyhow::Result<Arc<Doctor>> {
+    let config = patient.model.config();
+    let adapter_config = AdapterConfig {
+        r: rank,
+        lora_alpha: 2.0 * rank as f64,
+        use_rslora: false,
+        target_modules: Projection::ALL
+            .iter()
+            .map(|p| p.module_name().to_string())
+            .collect(),
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for layer in 0..config.num_layers {
+        for projection in Projection::ALL {
+            let (out_features, in_features) = projection.shape(config);
+            let prefix = projection.peft_prefix(layer);
+            let scale = 0.01 * (seed as f64 + 1.0);
+            let a = (Tensor::randn(0f32, 1.0, (rank, in_features), &Device::Cpu)? * scale)?;
+            let b = (Tensor::randn(0f32, 1.0, (out_features, rank), &Device::Cpu)? * scale)?;
+            tensors.insert(format!("{prefix}.lora_A.weight"), a);
+            tensors.insert(format!("{prefix}.lora_B.weight"), b);
+        }
+    }
+    let adapter =
+        LoraAdapter::from_tensors(tensors, adapter_config, config, std::path::Path::new(name))?;
+    Ok(Arc::new(Doctor {
+        manifest: DoctorManifest {
+            name: name.to_string(),
+            description: "random adapter for benchmarks".into(),
+            base: Default::default(),
+            adapter: "adapter.safetensors".into(),
+            adapter_config: "adapter_config.json".into(),
+            default_beta: 0.5,
+            training: toml::Table::new(),
+        },
+        base: DoctorBase::Patient,
+        adapter,
+        version: 0,
+        dir: PathBuf::from(name),
+    }))
+}
