@@ -710,3 +710,55 @@ fn real_model_seeded_output_independent_of_batch() {
     }
     engine.shutdown();
 }
+
+/// Streaming CJK and emoji from the real model: the deltas never split a character and add up
+/// to the decoded ids.
+#[test]
+fn real_model_deltas_are_whole_characters() {
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let patient = load_model(&path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let tokenizer = patient.tokenizer.clone();
+    let engine = start(patient, EngineConfig::default()).unwrap();
+    let prompts = [
+        "Repeat exactly: 日本語のテキスト、中文字符、한국어 🙂🚀🎉",
+        "Write three emoji and the Japanese word for cat.",
+    ];
+    for (index, text) in prompts.iter().enumerate() {
+        let prompt = llmdoctor::generate::prompt_ids(&tokenizer, None, text).unwrap();
+        let mut events = engine
+            .submit(request(
+                &prompt,
+                48,
+                sampling(0.8, Some(index as u64)),
+                Steering::default(),
+            ))
+            .unwrap();
+        let mut ids = Vec::new();
+        let mut streamed = String::new();
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::Token(token) => {
+                    ids.push(token.id);
+                    assert!(
+                        !token.text.contains('\u{FFFD}'),
+                        "split character in {:?}",
+                        token.text
+                    );
+                    streamed.push_str(&token.text);
+                }
+                Event::Finished(end) => streamed.push_str(&end.text),
+                Event::Done(_) => break,
+                Event::Error(message) => panic!("{message}"),
+            }
+        }
+        let decoded = tokenizer.decode(&ids).unwrap();
+        assert_eq!(streamed, decoded, "prompt {index}");
+        assert!(
+            !streamed.is_ascii() || index == 1,
+            "expected non-ASCII output: {streamed:?}"
+        );
+    }
+    engine.shutdown();
+}

@@ -252,7 +252,7 @@ impl GgufMeta<'_> {
     fn invalid(&self, key: &str, err: candle_core::Error) -> ModelError {
         ModelError::InvalidConfig {
             file: self.file.to_path_buf(),
-            message: format!("metadata key `{key}`: {err}"),
+            message: format!("metadata key `{key}`: {}", super::candle_message(&err)),
         }
     }
 

@@ -194,7 +194,7 @@ impl LoraAdapter {
             if weights.exists() {
                 ModelError::InvalidAdapter {
                     file: weights.to_path_buf(),
-                    message: err.to_string(),
+                    message: super::candle_message(&err),
                 }
             } else {
                 ModelError::Io {

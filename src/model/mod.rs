@@ -135,6 +135,15 @@ pub enum ModelError {
         row: usize,
     },
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// The message of a candle error without the backtrace that candle attaches when
+/// `RUST_BACKTRACE` is set: users need the message, and the trace would bury it.
+pub fn candle_message(err: &candle_core::Error) -> String {
+    match err {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }

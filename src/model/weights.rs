@@ -154,7 +154,7 @@ pub fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), M
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|err| ModelError::InvalidFile {
         file: path.to_path_buf(),
-        message: err.to_string(),
+        message: super::candle_message(&err),
     })?;
     Ok((content, reader))
 }
@@ -192,7 +192,7 @@ impl WeightSource {
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|err| ModelError::InvalidFile {
                 file: dir.to_path_buf(),
-                message: err.to_string(),
+                message: super::candle_message(&err),
             })?;
         Ok(Self::Safetensors {
             tensors,
@@ -261,7 +261,7 @@ impl WeightSource {
             .map_err(|err| ModelError::TensorRead {
                 name: name.to_string(),
                 file: path.clone(),
-                message: err.to_string(),
+                message: super::candle_message(&err),
             })
     }
 
@@ -286,7 +286,7 @@ impl WeightSource {
                         ModelError::TensorRead {
                             name: name.to_string(),
                             file: path.clone(),
-                            message: err.to_string(),
+                            message: super::candle_message(&err),
                         }
                     }
                 })?;
