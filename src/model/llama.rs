@@ -469,7 +469,7 @@ impl Llama {
                 scores
             };
             let probs = ops::softmax_last_dim(&scores)?;
-            let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, group*t, head_dim)
+            let out = probs.matmul(&v_all)?; // (n_kv, group*t, head_dim)
             let out = out
                 .reshape((n_heads, t, head_dim))?
                 .transpose(0, 1)? // (t, n_heads, head_dim)
@@ -504,6 +504,11 @@ fn project(
         return Ok(y);
     }
     let out_features = y.dim(1)?;
+    if x.device().is_cpu() {
+        if let Some(delta) = host_deltas(index, projection, x, out_features, lora)? {
+            return Ok((y + delta)?);
+        }
+    }
     let mut pieces = Vec::with_capacity(lora.spans.len());
     for span in &lora.spans {
         let pair = span
@@ -515,6 +520,45 @@ fn project(
         });
     }
     Ok((y + Tensor::cat(&pieces, 0)?)?)
+}
+
+/// The LoRA deltas of a step computed on the host, `(tokens, out)`, or `None` when a pair has
+/// no host copy (trainable adapters). One pass over the batch replaces two small matmuls per
+/// row, and each token's delta is computed in a fixed order.
+fn host_deltas(
+    index: usize,
+    projection: Projection,
+    x: &Tensor,
+    out_features: usize,
+    lora: &LoraPlan<'_>,
+) -> Result<Option<Tensor>, ModelError> {
+    let (tokens, in_features) = x.dims2()?;
+    let x_host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut delta = vec![0f32; tokens * out_features];
+    for span in &lora.spans {
+        let Some(adapter) = span.adapter else {
+            continue;
+        };
+        let Some(pair) = adapter.pair(index, projection) else {
+            continue;
+        };
+        let Some(host) = &pair.host else {
+            return Ok(None);
+        };
+        let scale = adapter.scale() as f32;
+        for token in span.offset..span.offset + span.len {
+            host.add_delta(
+                &x_host[token * in_features..(token + 1) * in_features],
+                scale,
+                &mut delta[token * out_features..(token + 1) * out_features],
+            );
+        }
+    }
+    Ok(Some(Tensor::from_vec(
+        delta,
+        (tokens, out_features),
+        x.device(),
+    )?))
 }
 
 /// `scale · (x·Aᵀ)·Bᵀ`: `(tokens, in) -> (tokens, out)`.

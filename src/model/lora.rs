@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,68 @@ pub struct LoraPair {
     pub a: Tensor,
     /// Up projection `(out, rank)`.
     pub b: Tensor,
+    /// Host copies for the CPU serving kernel; `None` for trainable pairs.
+    pub host: Option<Arc<HostPair>>,
+}
+
+/// A frozen pair in host memory, laid out for [`HostPair::add_delta`].
+#[derive(Debug)]
+pub struct HostPair {
+    rank: usize,
+    in_features: usize,
+    out_features: usize,
+    /// `A`, `(rank, in)` row-major.
+    a: Vec<f32>,
+    /// `Bᵀ`, `(rank, out)` row-major, so each rank's column of `B` is contiguous.
+    b_t: Vec<f32>,
+}
+
+impl HostPair {
+    fn new(a: &Tensor, b: &Tensor) -> Result<Self, ModelError> {
+        let (rank, in_features) = a.dims2()?;
+        let (out_features, _) = b.dims2()?;
+        Ok(Self {
+            rank,
+            in_features,
+            out_features,
+            a: a.flatten_all()?.to_vec1()?,
+            b_t: b.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+        })
+    }
+
+    /// Adds `scale · B·A·x` to `out` for one token: `x` is `(in,)`, `out` is `(out,)`.
+    ///
+    /// The arithmetic runs in a fixed order per token, so a token's delta is the same whatever
+    /// other tokens are in the batch.
+    pub fn add_delta(&self, x: &[f32], scale: f32, out: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.in_features);
+        debug_assert_eq!(out.len(), self.out_features);
+        for k in 0..self.rank {
+            let row = &self.a[k * self.in_features..(k + 1) * self.in_features];
+            let coefficient = scale * dot(row, x);
+            let column = &self.b_t[k * self.out_features..(k + 1) * self.out_features];
+            for (o, &b) in out.iter_mut().zip(column) {
+                *o += coefficient * b;
+            }
+        }
+    }
+}
+
+/// Dot product with eight independent partial sums, which the compiler can keep in one SIMD
+/// register; the summation order depends only on the length.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for lane in 0..8 {
+            partial[lane] += a[i * 8 + lane] * b[i * 8 + lane];
+        }
+    }
+    let mut sum = partial.iter().sum::<f32>();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
 }
 
 /// A LoRA adapter bound to one model configuration.
@@ -253,7 +316,8 @@ impl LoraAdapter {
                         _ => b,
                     };
                 }
-                slots[projection.index()] = Some(LoraPair { a, b });
+                let host = Some(Arc::new(HostPair::new(&a, &b)?));
+                slots[projection.index()] = Some(LoraPair { a, b, host });
                 used += 1;
             }
             layers.push(slots);
@@ -299,6 +363,7 @@ impl LoraAdapter {
                 slots[projection.index()] = Some(LoraPair {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
+                    host: None,
                 });
                 vars.push(a);
                 vars.push(b);
