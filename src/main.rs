@@ -9,7 +9,8 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_logging(&args);
-    match cli::run(args) {
+    let result = cli::init_threads(&args).and_then(|()| cli::run(args));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

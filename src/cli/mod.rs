@@ -16,6 +16,10 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `llmdoctor=debug` (overrides `LLMDOCTOR_LOG`).
     #[arg(long, global = true)]
     pub log: Option<String>,
+    /// Threads for tensor kernels (default: every core). The engine runs one step at a time
+    /// and the kernels parallelise inside it, so this is the whole compute budget.
+    #[arg(long, global = true, env = "LLMDOCTOR_THREADS")]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,6 +72,17 @@ pub fn model_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Sizes candle's kernel thread pool. candle reads `CANDLE_NUM_THREADS` when the pool is first
+/// used, so this must run before any model is loaded.
+pub fn init_threads(args: &Cli) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        anyhow::ensure!(threads > 0, "`--threads` must be at least 1, got 0");
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    Ok(())
 }
 
 pub fn init_logging(args: &Cli) {
