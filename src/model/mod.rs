@@ -15,6 +15,7 @@ pub mod config;
 pub mod kv;
 pub mod llama;
 pub mod lora;
+pub mod qgemm;
 pub mod tiny;
 pub mod weights;
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::qgemm::Q8Matrix;
 use super::ModelError;
 
 /// How weights are held in memory.
@@ -45,10 +46,19 @@ impl Default for LoadOptions {
     }
 }
 
+/// The weight of a [`Linear`].
+#[derive(Clone, Debug)]
+enum LinearWeight {
+    /// candle's kernels: dense tensors and quantised types without a kernel of ours.
+    Candle(QMatMul),
+    /// Q8_0 on the CPU, through the batched kernel in [`super::qgemm`].
+    Q8(Arc<Q8Matrix>),
+}
+
 /// A linear layer `y = x·Wᵀ + b` over a quantised or dense weight of shape `(out, in)`.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -59,18 +69,29 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self, ModelError> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight: LinearWeight::Candle(QMatMul::Tensor(weight)),
             bias,
             in_features,
             out_features,
         })
     }
 
-    /// Wraps a quantised `(out, in)` weight.
+    /// Wraps a quantised `(out, in)` weight. Q8_0 weights on the CPU use the batched kernel
+    /// of [`super::qgemm`]; other types use candle's.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self, ModelError> {
         let (out_features, in_features) = weight.shape().dims2()?;
+        let on_cpu = matches!(weight.device(), Device::Cpu);
+        let kernel = if on_cpu {
+            Q8Matrix::from_qtensor(&weight).map(|m| LinearWeight::Q8(Arc::new(m)))
+        } else {
+            None
+        };
+        let weight = match kernel {
+            Some(kernel) => kernel,
+            None => LinearWeight::Candle(QMatMul::from_arc(weight)?),
+        };
         Ok(Self {
-            weight: QMatMul::from_arc(weight)?,
+            weight,
             bias,
             in_features,
             out_features,
@@ -79,7 +100,15 @@ impl Linear {
 
     /// `(tokens, in) -> (tokens, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Candle(weight) => weight.forward(x)?,
+            LinearWeight::Q8(matrix) => {
+                let (rows, _) = x.dims2()?;
+                let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let out = matrix.matmul(&host, rows);
+                Tensor::from_vec(out, (rows, self.out_features), x.device())?
+            }
+        };
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -99,9 +128,14 @@ impl Linear {
     /// The weight as a dense f32 `(out, in)` tensor.
     pub fn dense_weight(&self) -> Result<Tensor, ModelError> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
-            QMatMul::Tensor(w) => w.clone(),
-            QMatMul::TensorF16(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            LinearWeight::Candle(QMatMul::Tensor(w)) => w.clone(),
+            LinearWeight::Candle(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32)?,
+            LinearWeight::Q8(matrix) => Tensor::from_vec(
+                matrix.dequantize(),
+                (self.out_features, self.in_features),
+                &Device::Cpu,
+            )?,
         })
     }
 }
