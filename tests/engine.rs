@@ -737,15 +737,12 @@ fn real_model_deltas_are_whole_characters() {
             .unwrap();
         let mut ids = Vec::new();
         let mut streamed = String::new();
+        let mut replacement_chars = 0;
         while let Some(event) = events.blocking_recv() {
             match event {
                 Event::Token(token) => {
                     ids.push(token.id);
-                    assert!(
-                        !token.text.contains('\u{FFFD}'),
-                        "split character in {:?}",
-                        token.text
-                    );
+                    replacement_chars += token.text.matches('\u{FFFD}').count();
                     streamed.push_str(&token.text);
                 }
                 Event::Finished(end) => streamed.push_str(&end.text),
@@ -755,6 +752,13 @@ fn real_model_deltas_are_whole_characters() {
         }
         let decoded = tokenizer.decode(&ids).unwrap();
         assert_eq!(streamed, decoded, "prompt {index}");
+        // A U+FFFD in a delta is only right where the model itself produced invalid bytes,
+        // which the full decode shows too; a split character would add one.
+        assert_eq!(
+            replacement_chars,
+            decoded.matches('\u{FFFD}').count(),
+            "split character in {streamed:?}"
+        );
         assert!(
             !streamed.is_ascii() || index == 1,
             "expected non-ASCII output: {streamed:?}"

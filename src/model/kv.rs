@@ -25,7 +25,11 @@ struct LayerKv {
 /// Writes go into the buffers in place, so the type is not `Clone`: use [`KvCache::fork`].
 #[derive(Debug, Default)]
 pub struct KvCache {
+    /// Tensor storage, used by candle's attention (training, and non-CPU devices).
     layers: Vec<LayerKv>,
+    /// Host storage, used by the CPU serving attention: per layer, keys and values laid out
+    /// `(positions, n_kv_heads, head_dim)`, so appending a position is a plain extend.
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
     capacity: usize,
 }
@@ -48,15 +52,23 @@ impl KvCache {
 
     /// Bytes currently allocated for keys and values.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers
+        let tensors: usize = self
+            .layers
             .iter()
             .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
-            .sum()
+            .sum();
+        let host: usize = self
+            .host
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>())
+            .sum();
+        tensors + host
     }
 
     /// Drops every position and frees the buffers.
     pub fn clear(&mut self) {
         self.layers.clear();
+        self.host.clear();
         self.len = 0;
         self.capacity = 0;
     }
@@ -75,6 +87,7 @@ impl KvCache {
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
             layers,
+            host: self.host.clone(),
             len: self.len,
             capacity: self.capacity,
         })
@@ -82,7 +95,41 @@ impl KvCache {
 
     /// Forgets positions from `len` on, keeping the buffers.
     pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for (k, v) in &mut self.host {
+                let width = k.len() / self.len.max(1);
+                k.truncate(len * width);
+                v.truncate(len * width);
+            }
+        }
         self.len = self.len.min(len);
+    }
+
+    /// Keys and values of `layer` in host storage, created on first use.
+    pub(crate) fn host_layer_mut(
+        &mut self,
+        layer: usize,
+        num_layers: usize,
+    ) -> Result<&mut (Vec<f32>, Vec<f32>), ModelError> {
+        if !self.layers.is_empty() {
+            return Err(ModelError::InvalidConfig {
+                file: std::path::PathBuf::new(),
+                message: "a KV cache filled by tensor attention was passed to host attention"
+                    .into(),
+            });
+        }
+        if self.host.len() < num_layers {
+            self.host.resize_with(num_layers, Default::default);
+        }
+        Ok(&mut self.host[layer])
+    }
+
+    /// Keys and values of `layer` in host storage.
+    pub(crate) fn host_layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        match self.host.get(layer) {
+            Some((k, v)) => (k, v),
+            None => (&[], &[]),
+        }
     }
 
     /// Makes room for `total` positions.

@@ -11,6 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops;
 
+use super::attention::{self, AttentionShape, AttentionSpan};
 use super::config::{ModelConfig, RopeLayout};
 use super::kv::KvCache;
 use super::lora::{LoraAdapter, LoraPair, Projection};
@@ -303,9 +304,11 @@ impl Llama {
         let ids = Tensor::from_vec(ids, (total,), &self.device)?;
         let (cos, sin) = self.rotary(positions)?;
         let groups = LoraPlan::new(rows, &spans, self.kernels);
-        for (row, span) in rows.iter_mut().zip(&spans) {
-            row.cache
-                .reserve(span.past + span.len, &self.config, &self.device)?;
+        if !self.uses_host_attention() {
+            for (row, span) in rows.iter_mut().zip(&spans) {
+                row.cache
+                    .reserve(span.past + span.len, &self.config, &self.device)?;
+            }
         }
 
         let mut x = self.embed_tokens.forward(&ids)?; // (tokens, hidden)
@@ -409,6 +412,57 @@ impl Llama {
         })
     }
 
+    /// Serving on the CPU uses host caches and [`super::attention`]; training and other
+    /// devices use candle's ops.
+    fn uses_host_attention(&self) -> bool {
+        self.kernels == Kernels::Fused && self.device.is_cpu()
+    }
+
+    /// Attention through [`super::attention`] over host caches: `q` `(n_heads, tokens,
+    /// head_dim)`, `k` and `v` `(n_kv, tokens, head_dim)` -> `(tokens, n_heads*head_dim)`.
+    fn host_attention(
+        &self,
+        index: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rows: &mut [Row<'_>],
+        spans: &[RowSpan],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.config;
+        let (_, tokens, _) = q.dims3()?;
+        let shape = AttentionShape {
+            tokens,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let q_host: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let k_host: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        let v_host: Vec<f32> = v.flatten_all()?.to_vec1()?;
+        let attention_spans: Vec<AttentionSpan> = spans
+            .iter()
+            .map(|s| AttentionSpan {
+                offset: s.offset,
+                len: s.len,
+                past: s.past,
+            })
+            .collect();
+        for (row, span) in rows.iter_mut().zip(&attention_spans) {
+            let (keys, values) = row.cache.host_layer_mut(index, cfg.num_layers)?;
+            attention::append(keys, &k_host, span, shape);
+            attention::append(values, &v_host, span, shape);
+        }
+        let caches: Vec<(&[f32], &[f32])> =
+            rows.iter().map(|row| row.cache.host_layer(index)).collect();
+        let out = attention::attend(&q_host, &caches, &attention_spans, shape);
+        Ok(Tensor::from_vec(
+            out,
+            (tokens, cfg.num_heads * cfg.head_dim),
+            &self.device,
+        )?)
+    }
+
     /// Self-attention over the batch: `(tokens, hidden) -> (tokens, hidden)`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
@@ -417,7 +471,7 @@ impl Llama {
         layer: &DecoderLayer,
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        rows: &[Row<'_>],
+        rows: &mut [Row<'_>],
         spans: &[RowSpan],
         groups: &LoraPlan<'_>,
     ) -> Result<Tensor, ModelError> {
@@ -437,6 +491,10 @@ impl Llama {
         let q = self.rope(&q, cos, sin)?.squeeze(0)?; // (n_heads, tokens, head_dim)
         let k = self.rope(&k, cos, sin)?.squeeze(0)?; // (n_kv, tokens, head_dim)
         let v = v.squeeze(0)?; // (n_kv, tokens, head_dim)
+        if self.uses_host_attention() {
+            let out = self.host_attention(index, &q, &k, &v, rows, spans)?;
+            return project(layer, index, Projection::O, &out, groups);
+        }
 
         let scale = 1.0 / (head_dim as f64).sqrt();
         let group = cfg.group_size();

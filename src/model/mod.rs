@@ -11,6 +11,7 @@
 //! - [`kv`]: per-row KV cache storage.
 //! - [`llama`]: the llama-family decoder and its batched forward.
 
+mod attention;
 pub mod config;
 pub mod kv;
 pub mod llama;

@@ -1,0 +1,116 @@
+//! Attention on the CPU over host-memory KV caches, for serving.
+//!
+//! candle needs about fifteen small tensor operations per row and layer to run attention
+//! against a row's own cache, and their fixed cost dominated decode steps with many rows. Here
+//! one pass appends every row's new keys and values to its cache and computes every
+//! (token, head) output in parallel, reading the cache in place. Each output is computed by
+//! the same code in the same order whatever else is in the batch.
+
+use rayon::prelude::*;
+
+/// Where one row's new tokens sit in the batch.
+pub(crate) struct AttentionSpan {
+    /// First token of the row in the batch.
+    pub offset: usize,
+    /// New tokens of the row.
+    pub len: usize,
+    /// Positions already cached.
+    pub past: usize,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+pub(crate) struct AttentionShape {
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Appends a row's new keys or values, given heads-first as `(kv_heads, tokens, head_dim)` for
+/// the whole batch, to its position-major cache `(positions, kv_heads, head_dim)`.
+pub(crate) fn append(
+    cache: &mut Vec<f32>,
+    new: &[f32],
+    span: &AttentionSpan,
+    shape: AttentionShape,
+) {
+    let hd = shape.head_dim;
+    cache.reserve(span.len * shape.kv_heads * hd);
+    for token in span.offset..span.offset + span.len {
+        for head in 0..shape.kv_heads {
+            let start = (head * shape.tokens + token) * hd;
+            cache.extend_from_slice(&new[start..start + hd]);
+        }
+    }
+}
+
+/// Causal attention for every token of the batch: `q` is `(heads, tokens, head_dim)`, each
+/// row's cache already holds its new positions. Returns `(tokens, heads · head_dim)`.
+pub(crate) fn attend(
+    q: &[f32],
+    caches: &[(&[f32], &[f32])],
+    spans: &[AttentionSpan],
+    shape: AttentionShape,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let group = shape.heads / shape.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut token_row = vec![0usize; shape.tokens];
+    for (row, span) in spans.iter().enumerate() {
+        token_row[span.offset..span.offset + span.len].fill(row);
+    }
+    let mut out = vec![0f32; shape.tokens * shape.heads * hd];
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (item, out)| {
+            let token = item / shape.heads;
+            let head = item % shape.heads;
+            let row = token_row[token];
+            let span = &spans[row];
+            let position = span.past + (token - span.offset);
+            let kv_head = head / group;
+            let (keys, values) = caches[row];
+            let query = &q[(head * shape.tokens + token) * hd..][..hd];
+            let stride = shape.kv_heads * hd;
+
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for p in 0..=position {
+                let key = &keys[p * stride + kv_head * hd..][..hd];
+                let score = dot(query, key) * scale;
+                max = max.max(score);
+                scores.push(score);
+            }
+            let mut sum = 0f32;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+            let inverse = 1.0 / sum;
+            for (p, &weight) in scores.iter().enumerate() {
+                let value = &values[p * stride + kv_head * hd..][..hd];
+                let weight = weight * inverse;
+                for (o, &v) in out.iter_mut().zip(value) {
+                    *o += weight * v;
+                }
+            }
+        });
+    out
+}
+
+/// Dot product with eight partial sums; the order depends only on the length.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for lane in 0..8 {
+            partial[lane] += a[i * 8 + lane] * b[i * 8 + lane];
+        }
+    }
+    let mut sum = partial.iter().sum::<f32>();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
