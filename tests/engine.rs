@@ -766,3 +766,94 @@ fn real_model_deltas_are_whole_characters() {
     }
     engine.shutdown();
 }
+
+#[test]
+fn full_queue_is_overloaded() {
+    let tiny = tiny_engine(SchedulerConfig {
+        max_num_seqs: 1,
+        max_waiting: 2,
+        ..SchedulerConfig::default()
+    });
+    let mut receivers = Vec::new();
+    let mut overloaded = 0;
+    for _ in 0..6 {
+        match tiny.engine.submit(request(
+            PROMPT,
+            50,
+            sampling(0.0, None),
+            Steering::default(),
+        )) {
+            Ok(receiver) => receivers.push(receiver),
+            Err(llmdoctor::engine::handle::EngineError::Overloaded { waiting }) => {
+                assert!(waiting >= 2);
+                overloaded += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert!(
+        overloaded >= 3,
+        "only {overloaded} of 6 requests were rejected"
+    );
+    for receiver in receivers {
+        assert_eq!(collect(receiver).ids.len(), 50);
+    }
+}
+
+#[test]
+fn stop_token_ids_end_the_choice() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 20, sampling(0.0, None), Steering::default()),
+    );
+    let stop_id = plain.ids[5];
+    let cut = plain.ids.iter().position(|&id| id == stop_id).unwrap();
+    let mut stopped_request = request(PROMPT, 20, sampling(0.0, None), Steering::default());
+    stopped_request.stop_token_ids = vec![stop_id];
+    let stopped = run(&tiny.engine, stopped_request);
+    assert_eq!(stopped.reason, FinishReason::Stop);
+    // The stop token is reported among the ids but has no text.
+    assert_eq!(stopped.ids, plain.ids[..=cut]);
+    let expected_text = tiny.patient.tokenizer.decode(&plain.ids[..cut]).unwrap();
+    assert_eq!(stopped.text, expected_text);
+}
+
+#[test]
+fn logprobs_report_alternatives_and_rows() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let params = SamplingParams::validate(
+        RawSamplingParams {
+            temperature: Some(0.0),
+            top_logprobs: Some(3),
+            ..RawSamplingParams::default()
+        },
+        1 << 20,
+    )
+    .unwrap();
+    let steering = steer(&tiny.registry, &[("marker", 0.5)]);
+    let mut events = tiny
+        .engine
+        .submit(request(PROMPT, 6, params, steering))
+        .unwrap();
+    let mut seen = 0;
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token(token) => {
+                let logprobs = token.logprobs.expect("logprobs were requested");
+                assert_eq!(logprobs.top.len(), 3);
+                assert!(logprobs.logprob <= 0.0);
+                // Greedy: the chosen token is the most likely one.
+                assert_eq!(logprobs.top[0].0, token.id);
+                assert!((logprobs.top[0].1 - logprobs.logprob).abs() < 1e-6);
+                assert!(logprobs.patient <= 0.0);
+                assert_eq!(logprobs.doctors.len(), 1);
+                seen += 1;
+            }
+            Event::Done(_) => break,
+            Event::Error(message) => panic!("{message}"),
+            Event::Finished(_) => {}
+        }
+    }
+    assert_eq!(seen, 6);
+}

@@ -204,7 +204,7 @@ impl Engine {
         bytes_per_token: usize,
         events: UnboundedSender<Event>,
     ) {
-        self.state.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.state.submitted.fetch_sub(1, Ordering::Relaxed);
         if let Err(err) = self
             .scheduler
             .enqueue(id, request.prompt_ids.len(), bytes_per_token)
@@ -277,6 +277,9 @@ impl Engine {
     }
 
     fn publish(&self) {
+        self.state
+            .waiting
+            .store(self.scheduler.waiting_len(), Ordering::Relaxed);
         self.state
             .running
             .store(self.scheduler.running_len(), Ordering::Relaxed);

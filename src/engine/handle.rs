@@ -71,8 +71,10 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub struct EngineState {
     started: Instant,
-    /// Requests waiting.
+    /// Requests in the scheduler's waiting queue, as of the last tick.
     pub waiting: AtomicUsize,
+    /// Requests submitted through a handle that the engine loop has not picked up yet.
+    pub submitted: AtomicUsize,
     /// Requests running.
     pub running: AtomicUsize,
     /// KV bytes charged to running requests.
@@ -94,6 +96,7 @@ impl EngineState {
         Self {
             started: Instant::now(),
             waiting: AtomicUsize::new(0),
+            submitted: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             kv_used_bytes: AtomicUsize::new(0),
             last_tick_ms: AtomicU64::new(0),
@@ -102,6 +105,11 @@ impl EngineState {
             prefill_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
         }
+    }
+
+    /// Requests not running yet: queued in the scheduler or not yet picked up.
+    pub fn waiting_total(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) + self.submitted.load(Ordering::Relaxed)
     }
 
     pub(crate) fn tick(&self) {
@@ -151,7 +159,7 @@ impl EngineHandle {
                 limit,
             });
         }
-        let waiting = self.state.waiting.load(Ordering::Relaxed);
+        let waiting = self.state.waiting_total();
         if waiting >= self.scheduler.max_waiting {
             return Err(EngineError::Overloaded { waiting });
         }
@@ -165,7 +173,7 @@ impl EngineHandle {
         }
         let (events, receiver) = unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.state.waiting.fetch_add(1, Ordering::Relaxed);
+        self.state.submitted.fetch_add(1, Ordering::Relaxed);
         self.commands
             .send(Command::Submit {
                 id,
