@@ -1,6 +1,7 @@
 //! Command-line arguments and dispatch.
 
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ pub enum Command {
     },
     /// Generate a reply to one chat prompt, optionally steered by doctors.
     Generate(generate::GenerateArgs),
+    /// Serve the patient and its doctors through an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// How quantised weights are kept in memory.
@@ -71,6 +74,7 @@ pub fn init_logging(args: &Cli) {
     let default = match args.command {
         Command::FetchModel { .. } => "info",
         Command::Generate(_) => "warn",
+        Command::Serve(_) => "info",
     };
     let filter = args
         .log
@@ -103,5 +107,6 @@ pub fn run(args: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(generate) => generate::run(generate),
+        Command::Serve(serve) => serve::run(serve),
     }
 }
