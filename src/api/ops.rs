@@ -38,7 +38,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
             let engine = ready.engine.state();
             if engine.stopped.load(Ordering::Relaxed) {
                 "stopped"
-            } else if engine.busy.load(Ordering::Relaxed)
+            } else if (engine.busy.load(Ordering::Relaxed)
+                || engine.waiting.load(Ordering::Relaxed) > 0)
                 && engine.since_last_tick() > state.config.health_stall_timeout
             {
                 "stalled"
