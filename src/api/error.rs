@@ -58,6 +58,8 @@ pub enum ApiError {
         max_tokens: usize,
         /// The context window.
         limit: usize,
+        /// The field holding the prompt: `messages` or `prompt`.
+        prompt_field: &'static str,
     },
     /// Templating or tokenizing the prompt failed.
     #[error("{0}")]
@@ -189,7 +191,7 @@ impl ApiError {
             Self::InvalidRequest { param, .. } | Self::InvalidJson { param, .. } => param.clone(),
             Self::Unsupported { param } => Some(param.clone()),
             Self::UnknownField { field, .. } => Some(field.clone()),
-            Self::ContextOverflow { .. } => Some("messages".into()),
+            Self::ContextOverflow { prompt_field, .. } => Some((*prompt_field).into()),
             Self::Sampling(err) => Some(err.parameter().name().into()),
             Self::ModelNotFound { .. } => Some("model".into()),
             Self::Doctor(err) if matches!(**err, DoctorError::NotFound { .. }) => {
@@ -324,6 +326,7 @@ mod tests {
             prompt_tokens: 300,
             max_tokens: 16,
             limit: 256,
+            prompt_field: "messages",
         };
         let message = err.to_string();
         for number in ["300", "16", "316", "256"] {

@@ -20,13 +20,13 @@ use crate::engine::handle::EventReceiver;
 
 use super::auth::ApiKey;
 use super::error::{body_rejection, ApiError, ErrorBody};
-use super::json::parse_object;
+use super::json::parse_request;
 use super::observe::RequestObserver;
 use super::output::{ChunkBuilder, Collector, FullResponse, Kind, OutputMeta, StreamItem};
 use super::validate::{validate_chat, validate_completion, ValidRequest, ValidationContext};
 use super::wire::{
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, CHAT_FIELDS,
-    COMMON_FIELDS, COMPLETION_FIELDS,
+    COMPLETION_FIELDS,
 };
 use super::{unix_now, AppState, Ready};
 
@@ -74,7 +74,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|r| body_rejection(r, state.config.max_body_bytes))?;
-    let raw: ChatCompletionRequest = parse_object(&body, &[COMMON_FIELDS, CHAT_FIELDS])?;
+    let raw: ChatCompletionRequest = parse_request(&body, CHAT_FIELDS)?;
     let ready = state.ready()?;
     let valid = validate_chat(raw, &context(&state, ready))?;
     respond(&state, ready, valid, Kind::Chat, arrived).await
@@ -104,7 +104,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|r| body_rejection(r, state.config.max_body_bytes))?;
-    let raw: CompletionRequest = parse_object(&body, &[COMMON_FIELDS, COMPLETION_FIELDS])?;
+    let raw: CompletionRequest = parse_request(&body, COMPLETION_FIELDS)?;
     let ready = state.ready()?;
     let valid = validate_completion(raw, &context(&state, ready))?;
     respond(&state, ready, valid, Kind::Completion, arrived).await

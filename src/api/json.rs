@@ -6,6 +6,7 @@
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::wire::{CommonFields, COMMON_FIELDS};
 
 /// Parses `body` as a JSON object whose top-level keys are all in `known`, then as `T`.
 pub fn parse_object<T: DeserializeOwned>(body: &[u8], known: &[&[&str]]) -> Result<T, ApiError> {
@@ -27,6 +28,22 @@ pub fn parse_object<T: DeserializeOwned>(body: &[u8], known: &[&[&str]]) -> Resu
                 suggestion: closest(key, known),
             });
         }
+    }
+    parse_value(value)
+}
+
+/// Parses a generation request: [`COMMON_FIELDS`] plus `specific`. The shared fields are
+/// parsed on their own first because serde loses the path of an error inside a flattened
+/// struct, and the error should name the field.
+pub fn parse_request<T: DeserializeOwned>(body: &[u8], specific: &[&str]) -> Result<T, ApiError> {
+    let value: serde_json::Value = parse_object(body, &[COMMON_FIELDS, specific])?;
+    if let serde_json::Value::Object(map) = &value {
+        let common: serde_json::Map<String, serde_json::Value> = map
+            .iter()
+            .filter(|(key, _)| COMMON_FIELDS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        parse_value::<CommonFields>(serde_json::Value::Object(common))?;
     }
     parse_value(value)
 }
@@ -73,7 +90,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::wire::{ChatCompletionRequest, CHAT_FIELDS, COMMON_FIELDS};
+    use crate::api::wire::{ChatCompletionRequest, CHAT_FIELDS};
 
     #[test]
     fn misspelt_doctor_is_rejected_with_suggestion() {

@@ -90,7 +90,11 @@ pub fn validate_chat(
         Some(value) => Some(("max_completion_tokens", value)),
         None => raw.common.max_tokens.map(|value| ("max_tokens", value)),
     };
-    validate_common(raw.common, prompt_ids, top_logprobs, max_tokens, ctx)
+    let prompt = Prompt {
+        ids: prompt_ids,
+        field: "messages",
+    };
+    validate_common(raw.common, prompt, top_logprobs, max_tokens, ctx)
 }
 
 /// Renders `messages` with the chat template and tokenizes the result.
@@ -200,7 +204,11 @@ pub fn validate_completion(
         },
     };
     let max_tokens = raw.common.max_tokens.map(|value| ("max_tokens", value));
-    validate_common(raw.common, prompt_ids, raw.logprobs, max_tokens, ctx)
+    let prompt = Prompt {
+        ids: prompt_ids,
+        field: "prompt",
+    };
+    validate_common(raw.common, prompt, raw.logprobs, max_tokens, ctx)
 }
 
 fn one_prompt_only(count: usize) -> ApiError {
@@ -285,9 +293,15 @@ fn stop_strings(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
     Ok(strings)
 }
 
+/// Prompt ids and the request field they came from.
+struct Prompt {
+    ids: Vec<u32>,
+    field: &'static str,
+}
+
 fn validate_common(
     common: CommonFields,
-    prompt_ids: Vec<u32>,
+    prompt: Prompt,
     top_logprobs: Option<i64>,
     max_tokens: Option<(&str, i64)>,
     ctx: &ValidationContext<'_>,
@@ -347,7 +361,7 @@ fn validate_common(
         ctx.tokenizer.vocab_size(),
     )?;
     let mut request = GenerationRequest {
-        prompt_ids,
+        prompt_ids: prompt.ids,
         sampling,
         max_tokens: 0,
         stop_strings: stop_strings(common.stop)?,
@@ -368,6 +382,7 @@ fn validate_common(
                 prompt_tokens,
                 max_tokens: value,
                 limit,
+                prompt_field: prompt.field,
             })
         }
         Some((_, value)) => value,
@@ -377,6 +392,7 @@ fn validate_common(
                 prompt_tokens,
                 max_tokens: 1,
                 limit,
+                prompt_field: prompt.field,
             })
         }
         None => ctx.default_max_tokens.min(limit - prompt_tokens),
