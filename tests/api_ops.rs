@@ -10,7 +10,9 @@ use api_support::{chat, write_doctor, Options, Patient, TestServer, DOCTOR, PATI
 use llmdoctor::config::Cors;
 use serde_json::{json, Value};
 
-async fn tiny(configure: impl FnOnce(&mut llmdoctor::config::ServeConfig) + Send + 'static) -> TestServer {
+async fn tiny(
+    configure: impl FnOnce(&mut llmdoctor::config::ServeConfig) + Send + 'static,
+) -> TestServer {
     TestServer::start(Options {
         patient: Patient::Tiny,
         configure: Box::new(configure),
@@ -48,7 +50,8 @@ async fn admin_loads_replaces_and_unloads_doctors() {
         weights
             .write_gguf(&path, candle_core::quantized::GgmlDType::Q8_0)
             .unwrap();
-        llmdoctor::loader::load_model(&path, &Default::default(), &candle_core::Device::Cpu).unwrap()
+        llmdoctor::loader::load_model(&path, &Default::default(), &candle_core::Device::Cpu)
+            .unwrap()
     };
     write_doctor(&doctors_dir, "second", &patient, 5, 10.0);
     let post = |body: Value| {
@@ -66,10 +69,20 @@ async fn admin_loads_replaces_and_unloads_doctors() {
     let first_version = card["version"].as_u64().unwrap();
     let (_, text) = server.get("/v1/doctors").await;
     let list: Value = serde_json::from_str(&text).unwrap();
-    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
     assert!(names.contains(&"second"), "{names:?}");
 
-    let replaced: Value = post(json!({"name": "second"})).await.unwrap().json().await.unwrap();
+    let replaced: Value = post(json!({"name": "second"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(replaced["version"].as_u64().unwrap() > first_version);
 
     for name in ["../second", "/etc", "missing"] {
@@ -87,7 +100,10 @@ async fn admin_loads_replaces_and_unloads_doctors() {
     assert_eq!(delete("second").await.unwrap().status().as_u16(), 200);
     assert_eq!(delete("second").await.unwrap().status().as_u16(), 404);
     let (status, _) = server
-        .post("/v1/chat/completions", &chat("hi", json!({"doctor": "second"})))
+        .post(
+            "/v1/chat/completions",
+            &chat("hi", json!({"doctor": "second"})),
+        )
         .await;
     assert_eq!(status, 404, "an unloaded doctor must not steer silently");
     server.stop().await;
@@ -127,7 +143,10 @@ async fn metrics_count_requests_and_tokens() {
     let (status, _) = server
         .post(
             "/v1/chat/completions",
-            &chat("hi", json!({"max_tokens": 4, "ignore_eos": true, "doctor": DOCTOR})),
+            &chat(
+                "hi",
+                json!({"max_tokens": 4, "ignore_eos": true, "doctor": DOCTOR}),
+            ),
         )
         .await;
     assert_eq!(status, 200);
@@ -145,9 +164,22 @@ async fn metrics_count_requests_and_tokens() {
     };
     assert_eq!(value("llmdoctor_generation_tokens_total"), 4.0);
     assert!(value("llmdoctor_prompt_tokens_total") > 0.0);
-    assert_eq!(value("llmdoctor_request_success_total{finish_reason=\"length\"}"), 1.0);
-    assert_eq!(value(&format!("llmdoctor_doctor_requests_total{{doctor=\"{DOCTOR}\"}}")), 1.0);
-    assert_eq!(value(&format!("llmdoctor_doctor_tokens_total{{doctor=\"{DOCTOR}\"}}")), 4.0);
+    assert_eq!(
+        value("llmdoctor_request_success_total{finish_reason=\"length\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "llmdoctor_doctor_requests_total{{doctor=\"{DOCTOR}\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "llmdoctor_doctor_tokens_total{{doctor=\"{DOCTOR}\"}}"
+        )),
+        4.0
+    );
     assert_eq!(value("llmdoctor_time_to_first_token_seconds_count"), 1.0);
     assert_eq!(value("llmdoctor_inter_token_latency_seconds_count"), 3.0);
     assert!(value("llmdoctor_step_duration_seconds_count") >= 4.0);
@@ -221,7 +253,9 @@ async fn openapi_documents_every_route() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokenize_and_detokenize_round_trip() {
     let server = tiny(|_| {}).await;
-    let (status, body) = server.post("/tokenize", &json!({"prompt": "hello world"})).await;
+    let (status, body) = server
+        .post("/tokenize", &json!({"prompt": "hello world"}))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["count"], body["tokens"].as_array().unwrap().len());
     let (status, text) = server
@@ -229,7 +263,9 @@ async fn tokenize_and_detokenize_round_trip() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(text["prompt"], "hello world");
-    let (status, _) = server.post("/detokenize", &json!({"tokens": [999999]})).await;
+    let (status, _) = server
+        .post("/detokenize", &json!({"tokens": [999999]}))
+        .await;
     assert_eq!(status, 400);
     server.stop().await;
 }
@@ -244,7 +280,10 @@ async fn cors_is_off_by_default_and_configurable() {
         .send()
         .await
         .unwrap();
-    assert!(response.headers().get("access-control-allow-origin").is_none());
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
     server.stop().await;
 
     let server = tiny(|c| c.cors = Cors::Origins(vec!["http://example.test".into()])).await;
