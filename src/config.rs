@@ -36,7 +36,7 @@ pub const DEFAULT_HEALTH_STALL_TIMEOUT_SECS: f64 = 30.0;
 /// Default `max_tokens` of a request that sets none.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 
-/// How quantised weights are kept in memory.
+/// Storage of quantised weights in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Quant {
@@ -127,7 +127,7 @@ impl RawConfig {
     }
 }
 
-/// Which origins CORS allows.
+/// The CORS policy: the origins allowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cors {
     /// No CORS headers (the default): browsers on other origins cannot call the API.
@@ -203,7 +203,7 @@ pub enum ConfigError {
     Invalid {
         /// The setting's name, as in the config file.
         setting: &'static str,
-        /// What is wrong and the value received.
+        /// The problem and the value received.
         message: String,
     },
 }
@@ -291,7 +291,7 @@ impl ServeConfig {
         })
     }
 
-    /// The engine's scheduler limits.
+    /// Returns the engine's scheduler limits.
     pub fn scheduler(&self) -> crate::engine::scheduler::SchedulerConfig {
         crate::engine::scheduler::SchedulerConfig {
             kv_budget_bytes: self.kv_cache_bytes,

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use llmdoctor::model::tiny::TinySpec;
 use serde_json::json;
 
-/// A request that would run for thousands of steps if nobody cancelled it.
+/// `max_tokens` of a request that runs for thousands of steps unless cancelled.
 const LONG: u64 = 4000;
 
 async fn server() -> TestServer {
@@ -135,11 +135,45 @@ async fn request_abandoned_while_queued_never_runs() {
         "the client must time out while the request waits"
     );
     assert!(server.wait_idle(Duration::from_secs(10)).await);
-    // The engine accepts the request after the stall and must drop it in that same step;
-    // give it time to run steps it should not run.
+    // The engine accepts the request after the stall and must drop it in that same step.
+    // The wait gives a wrong engine time to run steps it should not run.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let state = server.engine().state();
     assert_eq!(state.prefill_tokens.load(Ordering::Relaxed), prefill_before);
     assert_eq!(state.generated_tokens.load(Ordering::Relaxed), 0);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_streams_with_abort() {
+    let server = server().await;
+    let response = server
+        .client
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(&chat(
+            "go",
+            json!({"max_tokens": LONG, "ignore_eos": true, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut raw = body.next().await.unwrap().unwrap().to_vec();
+    let stopping = tokio::spawn(server.stop());
+    while let Some(piece) = body.next().await {
+        raw.extend_from_slice(&piece.unwrap());
+    }
+    stopping.await.unwrap();
+
+    let events = api_support::parse_sse(&raw);
+    assert_eq!(events.last(), Some(&api_support::SseEvent::Done));
+    let last = events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            api_support::SseEvent::Json(v) => Some(v.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "abort");
 }

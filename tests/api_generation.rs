@@ -73,7 +73,7 @@ async fn chat_stream_follows_include_usage_contract() {
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
 
     // Every chunk but the usage chunk has one choice with a `finish_reason` key, null until
-    // the last content chunk; every chunk has `usage`, null until the usage chunk.
+    // the last content chunk. Every chunk has `usage`, null until the usage chunk.
     let (usage_chunk, content_chunks) = chunks.split_last().unwrap();
     for (i, chunk) in content_chunks.iter().enumerate() {
         assert_eq!(chunk["id"], first["id"]);
@@ -216,7 +216,7 @@ async fn stop_string_inside_and_across_tokens_never_leaks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn finish_reason_is_length_exactly_when_max_tokens_ends_reply() {
+async fn finish_reason_length_only_at_max_tokens() {
     let server = TestServer::default().await;
     let prompt = "List some fruits.";
     let (text, tokens) = greedy_tokens(&server, prompt, 30).await;
@@ -267,7 +267,7 @@ async fn finish_reason_is_length_exactly_when_max_tokens_ends_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn cjk_and_emoji_stream_is_valid_utf8_and_equal() {
+async fn cjk_emoji_stream_matches_non_stream() {
     let server = TestServer::default().await;
     let prompts = [
         "日本語: こんにちは世界 🌏🎉\n中文: 你好世界 😀\n日本語: ありがとう 🙏\n中文:",

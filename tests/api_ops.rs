@@ -189,7 +189,7 @@ async fn metrics_count_requests_and_tokens() {
     server.stop().await;
 }
 
-/// Every route the server answers, as `(method, OpenAPI path)`.
+/// Every route of the server, as `(method, OpenAPI path)`.
 const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
@@ -226,8 +226,8 @@ async fn openapi_documents_every_route() {
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();
     assert_eq!(documented, expected);
-    // Each documented operation is served: the fallbacks answer 404 or 405 with codes that
-    // routed handlers never use for these requests.
+    // Each documented operation is routed: only the fallbacks return "no route" or "method"
+    // messages.
     for (method, path) in &documented {
         let url = format!("{}{}", server.url, path.replace("{name}", "nobody"));
         let request = match method.as_str() {

@@ -22,7 +22,7 @@ pub enum ApiError {
     /// A request field is invalid.
     #[error("{message}")]
     InvalidRequest {
-        /// What is wrong, naming the field and the value received.
+        /// The problem, naming the field and the value received.
         message: String,
         /// The field at fault.
         param: Option<String>,
@@ -132,7 +132,7 @@ impl From<DoctorError> for ApiError {
 /// An OpenAI error object.
 #[derive(Debug, Serialize, ToSchema, PartialEq)]
 pub struct ErrorDetail {
-    /// What went wrong and what to do.
+    /// The failure and the fix, in words.
     #[schema(example = "unknown field `docter`; did you mean `doctor`?")]
     pub message: String,
     /// The error class, e.g. `invalid_request_error`.
@@ -155,7 +155,7 @@ pub struct ErrorBody {
 }
 
 impl ApiError {
-    /// The HTTP status.
+    /// Returns the HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. }
@@ -231,7 +231,7 @@ impl ApiError {
         }
     }
 
-    /// The OpenAI error body.
+    /// Builds the OpenAI error body.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
@@ -243,7 +243,7 @@ impl ApiError {
         }
     }
 
-    /// The body as one server-sent event, for an error after the stream has started.
+    /// Builds the body as one server-sent event, for an error after the stream has started.
     pub fn sse_event(&self) -> axum::response::sse::Event {
         let json = serde_json::to_string(&self.body()).unwrap_or_else(|err| {
             format!(r#"{{"error":{{"message":"failed to encode an error: {err}","type":"server_error","param":null,"code":null}}}}"#)
@@ -286,7 +286,7 @@ pub fn body_rejection(rejection: BytesRejection, limit: usize) -> ApiError {
     }
 }
 
-/// The status a health probe reports: 200 or 503.
+/// Returns the status of a health probe: 200 or 503.
 pub fn health_status(healthy: bool) -> StatusCode {
     if healthy {
         StatusCode::OK

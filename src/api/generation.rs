@@ -204,7 +204,8 @@ impl StreamState {
     }
 }
 
-/// The SSE response. Dropping it (the client left) drops `events`, which cancels the request.
+/// Builds the SSE response. Dropping it (the client left) drops `events`, which cancels the
+/// request.
 fn sse_response(
     events: EventReceiver,
     builder: ChunkBuilder,

@@ -61,7 +61,7 @@ pub fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, A
     })
 }
 
-/// The known key nearest to `key` by edit distance, if it is within two edits.
+/// Finds the known key nearest to `key` by edit distance, if it is within two edits.
 fn closest(key: &str, known: &[&[&str]]) -> Option<String> {
     known
         .iter()

@@ -120,7 +120,7 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// What every handler shares.
+/// State shared by every handler.
 pub struct Shared {
     /// Settings.
     pub config: ServeConfig,
@@ -143,7 +143,7 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// A state that reports "loading" until [`AppState::set_ready`].
+    /// Creates a state that reports "loading" until [`AppState::set_ready`].
     pub fn new(config: ServeConfig, metrics: Arc<Metrics>) -> Self {
         Self(Arc::new(Shared {
             config,
@@ -160,7 +160,7 @@ impl AppState {
         }
     }
 
-    /// The loaded parts, or 503 while loading.
+    /// Returns the loaded parts, or 503 while loading.
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         self.0.ready.get().ok_or(ApiError::Loading)
     }
@@ -193,8 +193,8 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The routes and their OpenAPI document. Every route is registered through `routes!`, so a
-/// route cannot exist without its document entry.
+/// Builds the routes with their OpenAPI document. Every route is registered through `routes!`,
+/// so a route cannot exist without its document entry.
 fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(generation::chat_completions))
@@ -209,7 +209,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ops::detokenize))
 }
 
-/// The OpenAPI document of every route.
+/// Returns the OpenAPI document of every route.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().into_openapi()
 }

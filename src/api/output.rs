@@ -15,7 +15,7 @@ use super::wire::{
     SteeringBody, SteeringDoctor, TokenLogprobBody, TopLogprob, UsageBody,
 };
 
-/// Which endpoint's shapes to produce.
+/// The endpoint whose shapes are produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// `chat.completion` and `chat.completion.chunk`.
@@ -24,7 +24,7 @@ pub enum Kind {
     Completion,
 }
 
-/// What every output object of one request carries.
+/// Fields shared by every output object of one request.
 #[derive(Clone, Debug)]
 pub struct OutputMeta {
     /// Request id.
@@ -251,7 +251,8 @@ impl ChunkBuilder {
         }
     }
 
-    /// The chunks that open the stream: one role chunk per chat choice, nothing for completions.
+    /// Returns the chunks that open the stream: one role chunk per chat choice, none for
+    /// completions.
     pub fn start(&self) -> Vec<StreamItem> {
         if self.choices.meta.kind == Kind::Completion {
             return Vec::new();
@@ -446,5 +447,131 @@ impl Collector {
                 usage,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::request::{FinishReason, TokenEvent};
+    use crate::tokenizer::test_fixtures::tiny_byte_level;
+
+    fn meta(kind: Kind, include_usage: bool) -> OutputMeta {
+        OutputMeta {
+            id: "id-1".into(),
+            created: 7,
+            model: "m".into(),
+            kind,
+            n: 1,
+            include_usage,
+            doctors: Vec::new(),
+        }
+    }
+
+    fn token(text: &str) -> Event {
+        Event::Token(TokenEvent {
+            choice: 0,
+            id: 1,
+            text: text.into(),
+            logprobs: None,
+        })
+    }
+
+    fn end(text: &str, reason: FinishReason) -> Event {
+        Event::Finished(ChoiceEnd {
+            choice: 0,
+            reason,
+            text: text.into(),
+            completion_tokens: 3,
+            stop_token: None,
+            steering: None,
+        })
+    }
+
+    fn json(item: &StreamItem) -> serde_json::Value {
+        match item {
+            StreamItem::Data(text) => serde_json::from_str(text).unwrap(),
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chat_stream_opens_with_role_and_ends_with_usage() {
+        let mut builder =
+            ChunkBuilder::new(meta(Kind::Chat, true), Arc::new(tiny_byte_level()), false);
+        let start = builder.start();
+        assert_eq!(start.len(), 1);
+        let first = json(&start[0]);
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(first["usage"], serde_json::Value::Null);
+
+        let items = builder.push(token("Hel"));
+        assert_eq!(json(&items[0])["choices"][0]["delta"]["content"], "Hel");
+        assert!(
+            builder.push(token("")).is_empty(),
+            "held-back text sends nothing"
+        );
+
+        let items = builder.push(end("lo", FinishReason::Length));
+        let last = json(&items[0]);
+        assert_eq!(last["choices"][0]["delta"]["content"], "lo");
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+
+        let items = builder.push(Event::Done(Usage {
+            prompt_tokens: 4,
+            completion_tokens: 3,
+        }));
+        assert_eq!(items.len(), 2);
+        let usage = json(&items[0]);
+        assert_eq!(usage["choices"], serde_json::json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 7);
+        assert!(matches!(items[1], StreamItem::Done));
+    }
+
+    #[test]
+    fn finish_without_text_sends_empty_delta() {
+        let mut builder =
+            ChunkBuilder::new(meta(Kind::Chat, false), Arc::new(tiny_byte_level()), false);
+        let last = json(&builder.push(end("", FinishReason::Stop))[0]);
+        assert_eq!(last["choices"][0]["delta"], serde_json::json!({}));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert!(last.get("usage").is_none());
+    }
+
+    #[test]
+    fn engine_error_becomes_stream_error() {
+        let mut builder = ChunkBuilder::new(
+            meta(Kind::Completion, false),
+            Arc::new(tiny_byte_level()),
+            false,
+        );
+        let items = builder.push(Event::Error("boom".into()));
+        assert!(matches!(&items[0], StreamItem::Error(ApiError::Generation(m)) if m == "boom"));
+    }
+
+    #[test]
+    fn collector_joins_tokens_and_end_text() {
+        let mut collector = Collector::new(
+            meta(Kind::Completion, false),
+            Arc::new(tiny_byte_level()),
+            false,
+        );
+        assert!(collector.push(token("ab")).unwrap().is_none());
+        assert!(collector
+            .push(end("c", FinishReason::Stop))
+            .unwrap()
+            .is_none());
+        let done = collector
+            .push(Event::Done(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 3,
+            }))
+            .unwrap();
+        let Some(FullResponse::Completion(body)) = done else {
+            panic!("expected a completion");
+        };
+        assert_eq!(body.choices[0].text, "abc");
+        assert_eq!(body.choices[0].finish_reason, "stop");
+        assert_eq!(body.usage.total_tokens, 4);
     }
 }

@@ -13,10 +13,10 @@ use super::wire::{
     MessageContent, PromptField, RequestMessage, StopField,
 };
 
-/// The most choices one request may ask for.
+/// The maximum `n` (choices per request).
 pub const MAX_N: i64 = 16;
 
-/// What validation needs from the server.
+/// Server parts that validation reads.
 pub struct ValidationContext<'a> {
     /// The patient's tokenizer.
     pub tokenizer: &'a Tokenizer,
@@ -293,6 +293,47 @@ fn stop_strings(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
     Ok(strings)
 }
 
+/// Returns the doctor that `model` names, `None` for the patient, or 404 for anything else.
+fn model_doctor(model: &str, ctx: &ValidationContext<'_>) -> Result<Option<String>, ApiError> {
+    if model == ctx.patient_id {
+        return Ok(None);
+    }
+    if ctx.registry.get(model).is_ok() {
+        return Ok(Some(model.to_string()));
+    }
+    let mut available = vec![ctx.patient_id.to_string()];
+    available.extend(ctx.registry.list().iter().map(|d| d.name().to_string()));
+    Err(ApiError::ModelNotFound {
+        model: model.to_string(),
+        available,
+    })
+}
+
+/// Checks that the prompt plus `max_tokens` fits the smallest context among the patient and
+/// the request's doctors, and returns the `max_tokens` to use.
+fn fit_max_tokens(
+    request: &GenerationRequest,
+    requested: Option<usize>,
+    prompt_field: &'static str,
+    ctx: &ValidationContext<'_>,
+) -> Result<usize, ApiError> {
+    let limit = ctx.engine.context_limit(request);
+    let prompt_tokens = request.prompt_ids.len();
+    let overflow = |max_tokens| ApiError::ContextOverflow {
+        prompt_tokens,
+        max_tokens,
+        limit,
+        prompt_field,
+    };
+    match requested {
+        Some(value) if prompt_tokens + value > limit => Err(overflow(value)),
+        Some(value) => Ok(value),
+        // Without an explicit `max_tokens`, the reply may use what the context leaves.
+        None if prompt_tokens >= limit => Err(overflow(1)),
+        None => Ok(ctx.default_max_tokens.min(limit - prompt_tokens)),
+    }
+}
+
 /// Prompt ids and the request field they came from.
 struct Prompt {
     ids: Vec<u32>,
@@ -320,22 +361,14 @@ fn validate_common(
                 format!("`{param}` must be at least 1, got {value}"),
             ))
         }
-        Some((param, value)) => Some((param, value as usize)),
+        Some((_, value)) => Some(value as usize),
         None => None,
     };
     let model = common
         .model
         .clone()
         .unwrap_or_else(|| ctx.patient_id.to_string());
-    let model_doctor = if model == ctx.patient_id {
-        None
-    } else if ctx.registry.get(&model).is_ok() {
-        Some(model.clone())
-    } else {
-        let mut available = vec![ctx.patient_id.to_string()];
-        available.extend(ctx.registry.list().iter().map(|d| d.name().to_string()));
-        return Err(ApiError::ModelNotFound { model, available });
-    };
+    let model_doctor = model_doctor(&model, ctx)?;
     let alpha = common.patient_alpha.unwrap_or(1.0);
     if !alpha.is_finite() {
         return Err(invalid(
@@ -374,29 +407,7 @@ fn validate_common(
         n: n as usize,
         steering,
     };
-    let limit = ctx.engine.context_limit(&request);
-    let prompt_tokens = request.prompt_ids.len();
-    request.max_tokens = match requested_max {
-        Some((_, value)) if prompt_tokens + value > limit => {
-            return Err(ApiError::ContextOverflow {
-                prompt_tokens,
-                max_tokens: value,
-                limit,
-                prompt_field: prompt.field,
-            })
-        }
-        Some((_, value)) => value,
-        // Without an explicit `max_tokens`, the reply may use what the context leaves.
-        None if prompt_tokens >= limit => {
-            return Err(ApiError::ContextOverflow {
-                prompt_tokens,
-                max_tokens: 1,
-                limit,
-                prompt_field: prompt.field,
-            })
-        }
-        None => ctx.default_max_tokens.min(limit - prompt_tokens),
-    };
+    request.max_tokens = fit_max_tokens(&request, requested_max, prompt.field, ctx)?;
     let stream = common.stream.unwrap_or(false);
     let include_usage = common
         .stream_options

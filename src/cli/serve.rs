@@ -15,8 +15,8 @@ use llmdoctor::model::{LoadOptions, QuantPolicy, WeightFormat};
 
 use super::QuantArg;
 
-/// Every flag also reads the environment variable named in its help; a flag wins over the
-/// variable, which wins over the config file, which wins over the default.
+/// Every flag also reads the environment variable named in its help. A flag wins over the
+/// variable, the variable over the config file, and the file over the default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with settings; see `config.toml` in the repository for every key.
@@ -32,7 +32,7 @@ pub struct ServeArgs {
     /// SmolLM2-135M-Instruct, downloaded on first start].
     #[arg(long, env = "LLMDOCTOR_MODEL")]
     model: Option<PathBuf>,
-    /// How quantised weights are kept in memory [default: fast].
+    /// Storage of quantised weights in memory [default: fast].
     #[arg(long, value_enum, env = "LLMDOCTOR_QUANT")]
     quant: Option<QuantArg>,
     /// Folder with one sub-folder per doctor, all loaded at start [default: doctors].
@@ -124,7 +124,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
     Ok(ServeConfig::validate(args.raw().or(file))?)
 }
 
-/// The patient's path: the configured one, or the default patient, fetched if missing.
+/// Returns the patient's path: the configured one, or the default patient, fetched if missing.
 fn patient_path(config: &ServeConfig) -> anyhow::Result<PathBuf> {
     if let Some(path) = &config.model {
         return Ok(path.clone());
@@ -137,8 +137,8 @@ fn patient_path(config: &ServeConfig) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Loads the patient and doctors and starts the engine; runs on a blocking thread while the
-/// server already answers `/health` with 503.
+/// Loads the patient and doctors and starts the engine. It runs on a blocking thread while the
+/// server already returns 503 from `/health`.
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let path = patient_path(config)?;
     tracing::info!(path = %path.display(), "loading the patient model");

@@ -451,33 +451,7 @@ impl Engine {
             }
         }
 
-        let mut out = StepLogits::default();
-        let mut stats = ForwardStats::default();
-        for (batch_index, (model, mut rows, keys)) in batches.into_iter().enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
-            let doctor_rows = keys
-                .iter()
-                .filter(|k| matches!(k.slot, Slot::Doctor(_)))
-                .count();
-            let started = Instant::now();
-            let logits = model.forward(&mut rows)?;
-            let seconds = started.elapsed().as_secs_f64();
-            // NOTE: rows of doctors on the patient's base share one forward with the patient,
-            // so their time is estimated as the doctor rows' share of that forward.
-            stats.doctor_seconds += if batch_index == 0 {
-                seconds * doctor_rows as f64 / keys.len() as f64
-            } else {
-                seconds
-            };
-            stats.rows += keys.len();
-            stats.doctor_rows += doctor_rows;
-            for (key, tensor) in keys.into_iter().zip(logits) {
-                out.insert(key, tensor);
-            }
-        }
-        Ok((out, stats))
+        run_batches(batches)
     }
 
     fn fail(&mut self, id: RequestId, message: String) {
@@ -751,6 +725,39 @@ impl Engine {
             let _ = active.events.send(Event::Done(usage));
         }
     }
+}
+
+/// Runs each model's rows in one forward and collects the logits with row and timing counts.
+fn run_batches(
+    batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)>,
+) -> Result<(StepLogits, ForwardStats), ModelError> {
+    let mut out = StepLogits::default();
+    let mut stats = ForwardStats::default();
+    for (batch_index, (model, mut rows, keys)) in batches.into_iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let doctor_rows = keys
+            .iter()
+            .filter(|k| matches!(k.slot, Slot::Doctor(_)))
+            .count();
+        let started = Instant::now();
+        let logits = model.forward(&mut rows)?;
+        let seconds = started.elapsed().as_secs_f64();
+        // NOTE: rows of doctors on the patient's base share one forward with the patient,
+        // so their time is estimated as the doctor rows' share of that forward.
+        stats.doctor_seconds += if batch_index == 0 {
+            seconds * doctor_rows as f64 / keys.len() as f64
+        } else {
+            seconds
+        };
+        stats.rows += keys.len();
+        stats.doctor_rows += doctor_rows;
+        for (key, tensor) in keys.into_iter().zip(logits) {
+            out.insert(key, tensor);
+        }
+    }
+    Ok((out, stats))
 }
 
 /// Row counts and doctor time of one step's forward.

@@ -306,7 +306,7 @@ pub struct SseReply {
 }
 
 impl SseReply {
-    /// The JSON payloads, in order.
+    /// Returns the JSON payloads, in order.
     pub fn chunks(&self) -> Vec<&Value> {
         self.events
             .iter()
@@ -317,7 +317,7 @@ impl SseReply {
             .collect()
     }
 
-    /// The concatenated chat `delta.content` (or completion `text`) of choice `index`.
+    /// Concatenates the chat `delta.content` (or completion `text`) of choice `index`.
     pub fn text(&self, index: u64) -> String {
         let mut text = String::new();
         for chunk in self.chunks() {
@@ -364,7 +364,7 @@ pub fn parse_sse(raw: &[u8]) -> Vec<SseEvent> {
     events
 }
 
-/// The sorted keys of a JSON object.
+/// Returns the sorted keys of a JSON object.
 pub fn keys(value: &Value) -> Vec<String> {
     let mut keys: Vec<String> = value
         .as_object()
@@ -376,7 +376,7 @@ pub fn keys(value: &Value) -> Vec<String> {
     keys
 }
 
-/// A chat request body with one user message.
+/// Builds a chat request body with one user message.
 pub fn chat(content: &str, extra: Value) -> Value {
     let mut body = serde_json::json!({
         "model": PATIENT,
@@ -386,7 +386,7 @@ pub fn chat(content: &str, extra: Value) -> Value {
     body
 }
 
-/// A completion request body.
+/// Builds a completion request body.
 pub fn completion(prompt: &str, extra: Value) -> Value {
     let mut body = serde_json::json!({"model": PATIENT, "prompt": prompt});
     merge(&mut body, extra);

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the openai-package client tests against `llmdoctor serve` with the real patient and a
-# random test doctor: builds the binary, installs `openai` into a virtual environment, starts
-# the server on a free loopback port, runs the tests, then stops the server with SIGTERM and
-# checks that it exits with status 0.
+# random test doctor. It builds the binary, installs `openai` into a virtual environment and
+# starts the server on a free loopback port. After the tests it stops the server with SIGTERM
+# and checks that it exits with status 0.
 #
 # Environment: CARGO_TARGET_DIR (default: target), LLMDOCTOR_PY_VENV (default: a folder under
 # the target directory), LLMDOCTOR_MODEL (default: the fetched patient, fetched if missing).

@@ -47,7 +47,8 @@ def test_chat_stream_with_usage():
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert all(f is None for f in finishes[:-1]) and finishes[-1] in ("stop", "length")
