@@ -14,6 +14,10 @@
 //! - [`bench`]: engine throughput and latency measurements behind `llmdoctor bench`.
 //! - [`fetch`]: the model cache and `fetch-model`, which installs the default patient.
 //! - [`generate`]: single-prompt generation on top of the runtime, used by the CLI.
+//! - [`api`]: the OpenAI-compatible HTTP server: routes, wire types, validation, SSE, errors
+//!   and auth.
+//! - [`config`]: settings of `llmdoctor serve` from flags, environment, file and defaults.
+//! - [`metrics`]: Prometheus metrics of the server and the engine.
 //! - [`train`]: preference data, stage-1 token rewards and the TFPO losses and value head used
 //!   to train doctors.
 //!
@@ -21,12 +25,15 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod bench;
+pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod tokenizer;
 pub mod train;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Measure engine throughput and latency on the model, unsteered and with doctors.
     Bench(bench::BenchArgs),
+    /// Serve the patient and its doctors through an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// How quantised weights are kept in memory.
@@ -89,6 +92,7 @@ pub fn init_logging(args: &Cli) {
     let default = match args.command {
         Command::FetchModel { .. } => "info",
         Command::Generate(_) | Command::Bench(_) => "warn",
+        Command::Serve(_) => "info",
     };
     let filter = args
         .log
@@ -122,5 +126,6 @@ pub fn run(args: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(generate) => generate::run(generate),
         Command::Bench(bench) => bench::run(bench),
+        Command::Serve(serve) => serve::run(serve),
     }
 }

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::doctor::DoctorBase;
 use crate::loader::LoadedModel;
+use crate::metrics::Metrics;
 use crate::model::{KvCache, Llama, LogitsSelection, ModelError, Row};
 use crate::tokenizer::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 
@@ -22,6 +22,7 @@ use super::request::{
 use super::sampling::{Sampler, TokenHistory};
 use super::scheduler::{RequestId, Scheduled, Scheduler, SchedulerConfig};
 use super::steering::{self, DoctorLogits, SteeringInput};
+use super::step_logits::{ChoiceLogits, RowKey, Slot, StepLogits};
 
 /// Settings of the engine.
 #[derive(Clone, Copy, Debug, Default)]
@@ -34,6 +35,16 @@ pub struct EngineConfig {
 
 /// Starts the engine thread for `patient` and returns its handle.
 pub fn start(patient: LoadedModel, config: EngineConfig) -> std::io::Result<EngineHandle> {
+    start_with_metrics(patient, config, None)
+}
+
+/// Starts the engine thread like [`start`], recording step, batch, queue and doctor timings
+/// into `metrics`.
+pub fn start_with_metrics(
+    patient: LoadedModel,
+    config: EngineConfig,
+    metrics: Option<Arc<Metrics>>,
+) -> std::io::Result<EngineHandle> {
     let (commands, receiver) = mpsc::channel();
     let state = Arc::new(EngineState::new());
     let model_config = patient.model.config().clone();
@@ -45,6 +56,7 @@ pub fn start(patient: LoadedModel, config: EngineConfig) -> std::io::Result<Engi
         commands: receiver,
         state: state.clone(),
         seeds: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        metrics,
     };
     let thread = std::thread::Builder::new()
         .name("llmdoctor-engine".into())
@@ -104,27 +116,10 @@ struct Active {
     bytes_per_choice_token: usize,
     context_limit: usize,
     base_seed: u64,
-}
-
-/// Which row of a choice a logits tensor belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    Patient,
-    Doctor(usize),
-}
-
-#[derive(Clone, Copy, Debug)]
-struct RowKey {
-    request: RequestId,
-    choice: usize,
-    slot: Slot,
-}
-
-/// Logits of one choice's rows in a step, converted to host vectors.
-#[derive(Default)]
-struct ChoiceLogits {
-    patient: Option<Vec<f32>>,
-    doctors: Vec<Option<Vec<f32>>>,
+    /// When the engine accepted the request, for the queue-time metric.
+    accepted_at: Instant,
+    /// Whether any of its rows has run yet.
+    scheduled_once: bool,
 }
 
 struct Engine {
@@ -134,6 +129,7 @@ struct Engine {
     commands: mpsc::Receiver<Command>,
     state: Arc<EngineState>,
     seeds: rand_chacha::ChaCha8Rng,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// How long an idle engine waits for a command before refreshing its heartbeat.
@@ -242,6 +238,8 @@ impl Engine {
                 events,
                 context_limit,
                 base_seed,
+                accepted_at: Instant::now(),
+                scheduled_once: false,
             },
         );
     }
@@ -321,8 +319,17 @@ impl Engine {
         if plan.scheduled.is_empty() {
             return;
         }
+        let step_started = Instant::now();
         let logits = match self.forward(&plan.scheduled) {
-            Ok(logits) => logits,
+            Ok((logits, stats)) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.batch_size.observe(stats.rows as f64);
+                    if stats.doctor_rows > 0 {
+                        metrics.doctor_forward.observe(stats.doctor_seconds);
+                    }
+                }
+                logits
+            }
             Err(err) => {
                 tracing::error!(%err, "engine step failed");
                 for work in &plan.scheduled {
@@ -351,11 +358,19 @@ impl Engine {
                 self.sample_request(work.id, per_choice);
             }
         }
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .step_duration
+                .observe(step_started.elapsed().as_secs_f64());
+        }
     }
 
     /// Runs every scheduled row: the patient's rows and the rows of doctors on the patient's
     /// base in one forward, the rows of each other base in their own forward.
-    fn forward(&mut self, scheduled: &[Scheduled]) -> Result<StepLogits, ModelError> {
+    fn forward(
+        &mut self,
+        scheduled: &[Scheduled],
+    ) -> Result<(StepLogits, ForwardStats), ModelError> {
         let work: HashMap<RequestId, usize> = scheduled.iter().map(|s| (s.id, s.tokens)).collect();
         let patient_model = self.patient.model.clone();
         let mut batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)> =
@@ -365,6 +380,14 @@ impl Engine {
             let Some(&tokens) = work.get(&id) else {
                 continue;
             };
+            if !active.scheduled_once {
+                active.scheduled_once = true;
+                if let Some(metrics) = &self.metrics {
+                    metrics
+                        .queue_time
+                        .observe(active.accepted_at.elapsed().as_secs_f64());
+                }
+            }
             let Active {
                 request, choices, ..
             } = active;
@@ -431,17 +454,7 @@ impl Engine {
             }
         }
 
-        let mut out = StepLogits::default();
-        for (model, mut rows, keys) in batches {
-            if rows.is_empty() {
-                continue;
-            }
-            let logits = model.forward(&mut rows)?;
-            for (key, tensor) in keys.into_iter().zip(logits) {
-                out.insert(key, tensor);
-            }
-        }
-        Ok(out)
+        run_batches(batches)
     }
 
     fn fail(&mut self, id: RequestId, message: String) {
@@ -717,6 +730,47 @@ impl Engine {
     }
 }
 
+/// Runs each model's rows in one forward and collects the logits with row and timing counts.
+fn run_batches(
+    batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)>,
+) -> Result<(StepLogits, ForwardStats), ModelError> {
+    let mut out = StepLogits::default();
+    let mut stats = ForwardStats::default();
+    for (batch_index, (model, mut rows, keys)) in batches.into_iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let doctor_rows = keys
+            .iter()
+            .filter(|k| matches!(k.slot, Slot::Doctor(_)))
+            .count();
+        let started = Instant::now();
+        let logits = model.forward(&mut rows)?;
+        let seconds = started.elapsed().as_secs_f64();
+        // NOTE: rows of doctors on the patient's base share one forward with the patient,
+        // so their time is estimated as the doctor rows' share of that forward.
+        stats.doctor_seconds += if batch_index == 0 {
+            seconds * doctor_rows as f64 / keys.len() as f64
+        } else {
+            seconds
+        };
+        stats.rows += keys.len();
+        stats.doctor_rows += doctor_rows;
+        for (key, tensor) in keys.into_iter().zip(logits) {
+            out.insert(key, tensor);
+        }
+    }
+    Ok((out, stats))
+}
+
+/// Row counts and doctor time of one step's forward.
+#[derive(Default)]
+struct ForwardStats {
+    rows: usize,
+    doctor_rows: usize,
+    doctor_seconds: f64,
+}
+
 /// The parts of a request that emitting a token needs, borrowed apart from its choices.
 #[derive(Clone, Copy)]
 struct RequestParts<'a> {
@@ -742,59 +796,4 @@ fn row_logprob(logits: &[f32], token: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
     logits[token as usize] - max - sum.ln()
-}
-
-/// The logits tensors of one choice's rows: the patient's, and each doctor's by index.
-#[derive(Default)]
-struct ChoiceTensors {
-    patient: Option<Tensor>,
-    doctors: Vec<(usize, Tensor)>,
-}
-
-/// Logits of one step, by request and choice.
-#[derive(Default)]
-struct StepLogits {
-    tensors: HashMap<(RequestId, usize), ChoiceTensors>,
-}
-
-impl StepLogits {
-    fn insert(&mut self, key: RowKey, tensor: Tensor) {
-        let entry = self.tensors.entry((key.request, key.choice)).or_default();
-        match key.slot {
-            Slot::Patient => entry.patient = Some(tensor),
-            Slot::Doctor(index) => entry.doctors.push((index, tensor)),
-        }
-    }
-
-    /// Removes and converts the logits of every choice of `request`.
-    fn drain_filter_request(
-        &mut self,
-        request: RequestId,
-    ) -> Vec<((RequestId, usize), ChoiceLogits)> {
-        let keys: Vec<(RequestId, usize)> = self
-            .tensors
-            .keys()
-            .filter(|(r, _)| *r == request)
-            .copied()
-            .collect();
-        keys.into_iter()
-            .filter_map(|key| {
-                let ChoiceTensors { patient, doctors } = self.tensors.remove(&key)?;
-                let to_vec = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
-                let mut doctor_rows = vec![None; doctors.len()];
-                for (index, tensor) in doctors {
-                    if index < doctor_rows.len() {
-                        doctor_rows[index] = to_vec(tensor);
-                    }
-                }
-                Some((
-                    key,
-                    ChoiceLogits {
-                        patient: patient.and_then(to_vec),
-                        doctors: doctor_rows,
-                    },
-                ))
-            })
-            .collect()
-    }
 }

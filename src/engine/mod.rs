@@ -15,3 +15,4 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod steering;
+mod step_logits;

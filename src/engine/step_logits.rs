@@ -1,0 +1,83 @@
+//! Logits of one engine step, grouped by request and choice.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::scheduler::RequestId;
+
+/// Which row of a choice a logits tensor belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Patient,
+    Doctor(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowKey {
+    pub(crate) request: RequestId,
+    pub(crate) choice: usize,
+    pub(crate) slot: Slot,
+}
+
+/// Logits of one choice's rows in a step, converted to host vectors.
+#[derive(Default)]
+pub(crate) struct ChoiceLogits {
+    pub(crate) patient: Option<Vec<f32>>,
+    pub(crate) doctors: Vec<Option<Vec<f32>>>,
+}
+
+/// The logits tensors of one choice's rows: the patient's, and each doctor's by index.
+#[derive(Default)]
+struct ChoiceTensors {
+    patient: Option<Tensor>,
+    doctors: Vec<(usize, Tensor)>,
+}
+
+/// Logits of one step, by request and choice.
+#[derive(Default)]
+pub(crate) struct StepLogits {
+    tensors: HashMap<(RequestId, usize), ChoiceTensors>,
+}
+
+impl StepLogits {
+    pub(crate) fn insert(&mut self, key: RowKey, tensor: Tensor) {
+        let entry = self.tensors.entry((key.request, key.choice)).or_default();
+        match key.slot {
+            Slot::Patient => entry.patient = Some(tensor),
+            Slot::Doctor(index) => entry.doctors.push((index, tensor)),
+        }
+    }
+
+    /// Removes and converts the logits of every choice of `request`.
+    pub(crate) fn drain_filter_request(
+        &mut self,
+        request: RequestId,
+    ) -> Vec<((RequestId, usize), ChoiceLogits)> {
+        let keys: Vec<(RequestId, usize)> = self
+            .tensors
+            .keys()
+            .filter(|(r, _)| *r == request)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let ChoiceTensors { patient, doctors } = self.tensors.remove(&key)?;
+                let to_vec = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+                let mut doctor_rows = vec![None; doctors.len()];
+                for (index, tensor) in doctors {
+                    if index < doctor_rows.len() {
+                        doctor_rows[index] = to_vec(tensor);
+                    }
+                }
+                Some((
+                    key,
+                    ChoiceLogits {
+                        patient: patient.and_then(to_vec),
+                        doctors: doctor_rows,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
