@@ -38,8 +38,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
             let engine = ready.engine.state();
             if engine.stopped.load(Ordering::Relaxed) {
                 "stopped"
-            } else if (engine.busy.load(Ordering::Relaxed)
-                || engine.waiting.load(Ordering::Relaxed) > 0)
+            } else if (engine.busy.load(Ordering::Relaxed) || engine.waiting_total() > 0)
                 && engine.since_last_tick() > state.config.health_stall_timeout
             {
                 "stalled"
@@ -65,9 +64,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         metrics
             .requests_running
             .set(engine.running.load(Ordering::Relaxed) as i64);
-        metrics
-            .requests_waiting
-            .set(engine.waiting.load(Ordering::Relaxed) as i64);
+        metrics.requests_waiting.set(engine.waiting_total() as i64);
         let budget = ready.engine.scheduler_config().kv_budget_bytes.max(1);
         metrics
             .kv_cache_usage

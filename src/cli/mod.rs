@@ -90,7 +90,8 @@ pub fn init_threads(args: &Cli) -> anyhow::Result<()> {
 
 pub fn init_logging(args: &Cli) {
     let default = match args.command {
-        Command::FetchModel { .. } => "info",
+        Command::FetchModel { quiet: true } => "warn",
+        Command::FetchModel { quiet: false } => "info",
         Command::Generate(_) | Command::Bench(_) => "warn",
         Command::Serve(_) => "info",
     };
