@@ -22,6 +22,7 @@
 
 pub mod doctor;
 pub mod engine;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod loader;

@@ -1,6 +1,9 @@
 //! Command-line arguments and dispatch.
 
+mod eval;
 mod generate;
+mod rewards;
+mod train;
 
 use std::path::PathBuf;
 
@@ -29,6 +32,12 @@ pub enum Command {
     },
     /// Generate a reply to one chat prompt, optionally steered by doctors.
     Generate(generate::GenerateArgs),
+    /// Score preference pairs with the patient's two faces (stage 1) and write token rewards.
+    Rewards(rewards::RewardsArgs),
+    /// Train a doctor with TFPO on a reward file (stage 2).
+    Train(train::TrainArgs),
+    /// Measure a doctor's preference accuracy and steering effect on preference pairs.
+    Eval(eval::EvalArgs),
 }
 
 /// How quantised weights are kept in memory.
@@ -70,7 +79,7 @@ pub fn model_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 pub fn init_logging(args: &Cli) {
     let default = match args.command {
         Command::FetchModel { .. } => "info",
-        Command::Generate(_) => "warn",
+        Command::Generate(_) | Command::Rewards(_) | Command::Train(_) | Command::Eval(_) => "warn",
     };
     let filter = args
         .log
@@ -103,5 +112,8 @@ pub fn run(args: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(generate) => generate::run(generate),
+        Command::Rewards(rewards) => rewards::run(rewards),
+        Command::Train(train) => train::run(train),
+        Command::Eval(eval) => eval::run(eval),
     }
 }
