@@ -30,6 +30,7 @@ pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod engine;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod loader;

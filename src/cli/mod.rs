@@ -1,8 +1,11 @@
 //! Command-line arguments and dispatch.
 
 mod bench;
+mod eval;
 mod generate;
+mod rewards;
 mod serve;
+mod train;
 
 use std::path::PathBuf;
 
@@ -39,6 +42,12 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve the patient and its doctors through an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Score preference pairs with the patient's two faces (stage 1) and write token rewards.
+    Rewards(rewards::RewardsArgs),
+    /// Train a doctor with TFPO on a reward file (stage 2).
+    Train(train::TrainArgs),
+    /// Measure a doctor's preference accuracy and steering effect on preference pairs.
+    Eval(eval::EvalArgs),
 }
 
 /// How quantised weights are kept in memory.
@@ -92,7 +101,11 @@ pub fn init_logging(args: &Cli) {
     let default = match args.command {
         Command::FetchModel { quiet: true } => "warn",
         Command::FetchModel { quiet: false } => "info",
-        Command::Generate(_) | Command::Bench(_) => "warn",
+        Command::Generate(_)
+        | Command::Bench(_)
+        | Command::Rewards(_)
+        | Command::Train(_)
+        | Command::Eval(_) => "warn",
         Command::Serve(_) => "info",
     };
     let filter = args
@@ -128,5 +141,8 @@ pub fn run(args: Cli) -> anyhow::Result<()> {
         Command::Generate(generate) => generate::run(generate),
         Command::Bench(bench) => bench::run(bench),
         Command::Serve(serve) => serve::run(serve),
+        Command::Rewards(rewards) => rewards::run(rewards),
+        Command::Train(train) => train::run(train),
+        Command::Eval(eval) => eval::run(eval),
     }
 }

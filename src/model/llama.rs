@@ -526,7 +526,11 @@ impl Llama {
             } else {
                 scores
             };
-            let probs = ops::softmax_last_dim(&scores)?;
+            // candle's fused softmax has no backward pass, so training uses the composed one.
+            let probs = match self.kernels {
+                Kernels::Fused => ops::softmax_last_dim(&scores)?,
+                Kernels::Differentiable => ops::softmax(&scores, D::Minus1)?,
+            };
             let out = probs.matmul(&v_all)?; // (n_kv, group*t, head_dim)
             let out = out
                 .reshape((n_heads, t, head_dim))?

@@ -357,7 +357,7 @@ impl LoraAdapter {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
             for &projection in targets {
                 let (out_features, in_features) = projection.shape(model);
-                let bound = 1.0 / (in_features as f64).sqrt();
+                let bound = 1.0 / (in_features as f32).sqrt();
                 let a = Var::rand(-bound, bound, (config.r, in_features), device)?;
                 let b = Var::zeros((out_features, config.r), DType::F32, device)?;
                 slots[projection.index()] = Some(LoraPair {

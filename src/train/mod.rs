@@ -6,13 +6,28 @@
 //!   record that stores them.
 //! - [`loss`]: the subtrajectory-balance and value-discrimination losses on candle tensors.
 //! - [`value_head`]: the MLP that predicts `log V` from the doctor's last hidden state.
+//! - [`faces`]: the positive and negative system instructions of a preference dimension.
+//! - [`scoring`] and [`stage1`]: stage 1 on the patient, and the `rewards` job.
+//! - [`reward_file`]: the JSONL reward file, appended to and resumed after a crash.
+//! - [`selection`]: which pairs of a file a command uses (split by prompt, limit).
 //!
-//! Nothing here runs a model. Callers run the patient and the doctor and pass in
+//! [`data`], [`rewards`], [`loss`] and [`value_head`] run no model: callers pass in
 //! log-probabilities and hidden states.
 
+pub mod checkpoint;
 pub mod data;
+pub mod export;
+pub mod faces;
 pub mod loss;
+pub mod optim;
+pub mod plot;
+pub mod reward_file;
 pub mod rewards;
+pub mod scoring;
+pub mod selection;
+pub mod stage1;
+pub mod tfpo;
+pub mod trainer;
 pub mod value_head;
 
 use std::path::PathBuf;
@@ -106,4 +121,7 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The doctor's forward pass failed.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
 }

@@ -1,0 +1,167 @@
+//! The TFPO loss of one preference pair, computed through the doctor (base plus LoRA adapter)
+//! and the value head, ready for `backward`.
+//!
+//! For a response of `L` tokens after a prompt of `P` tokens, the states `s_0..s_L` sit at
+//! sequence positions `P−1..P+L−1` (the last prompt token, then every response token). The
+//! hidden state at each of them gives `log V(s_t)`, and the logits at `s_0..s_{L−1}` give
+//! `log π(y_{t+1} | s_t)`.
+
+use candle_core::{Tensor, D};
+
+use crate::model::{KvCache, Llama, LogitsSelection, LoraAdapter, Row};
+
+use super::loss::{divergence_point, pair_tfpo_loss, value_hinge, LossParams, Trajectory};
+use super::rewards::{cumulative_log_q, ResponseSign, RewardRecord};
+use super::value_head::ValueHead;
+use super::TrainError;
+
+/// One response with its per-token rewards, ready for training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingResponse {
+    /// The response tokens.
+    pub token_ids: Vec<u32>,
+    /// `r_t` for each token.
+    pub rewards: Vec<f32>,
+}
+
+/// A preference pair ready for training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingPair {
+    /// The pair id from the reward file.
+    pub pair_id: String,
+    /// The prompt templated without a face instruction.
+    pub prompt_ids: Vec<u32>,
+    /// The preferred response.
+    pub chosen: TrainingResponse,
+    /// The dispreferred response.
+    pub rejected: TrainingResponse,
+}
+
+impl TrainingPair {
+    /// Builds a pair from a reward record: rewards at `θ`, responses cut to at most `max_len`
+    /// tokens. Returns `None` when either response is empty.
+    pub fn from_record(record: &RewardRecord, theta: f32, max_len: Option<usize>) -> Option<Self> {
+        let response = |scored: &super::rewards::ScoredResponse, sign| {
+            let keep = max_len.map_or(scored.token_ids.len(), |max| {
+                max.min(scored.token_ids.len())
+            });
+            let rewards = scored.rewards(sign, theta);
+            TrainingResponse {
+                token_ids: scored.token_ids[..keep].to_vec(),
+                rewards: rewards[..keep].to_vec(),
+            }
+        };
+        let chosen = response(&record.chosen, ResponseSign::Chosen);
+        let rejected = response(&record.rejected, ResponseSign::Rejected);
+        if chosen.token_ids.is_empty() || rejected.token_ids.is_empty() {
+            return None;
+        }
+        Some(Self {
+            pair_id: record.pair_id.clone(),
+            prompt_ids: record.prompt_ids.clone(),
+            chosen,
+            rejected,
+        })
+    }
+
+    /// Tokens of the longer of the two full sequences, prompt included.
+    pub fn max_sequence_len(&self) -> usize {
+        self.prompt_ids.len()
+            + self
+                .chosen
+                .token_ids
+                .len()
+                .max(self.rejected.token_ids.len())
+    }
+}
+
+/// The loss of one pair and its parts, as plain numbers for logging.
+#[derive(Debug)]
+pub struct PairLoss {
+    /// The scalar loss to differentiate.
+    pub total: Tensor,
+    /// SubTB of both responses, summed.
+    pub subtb: f32,
+    /// The value hinge before `λ`, when the responses diverge.
+    pub value: Option<f32>,
+}
+
+/// Runs both responses of `pair` through the doctor in one batched forward and returns the TFPO
+/// loss. The base weights are not variables, so gradients reach only the adapter and the head.
+pub fn pair_loss(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    head: &ValueHead,
+    pair: &TrainingPair,
+    params: &LossParams,
+) -> Result<PairLoss, TrainError> {
+    let sequences: Vec<Vec<u32>> = [&pair.chosen, &pair.rejected]
+        .iter()
+        .map(|response| [pair.prompt_ids.as_slice(), &response.token_ids].concat())
+        .collect();
+    let mut caches = [KvCache::new(), KvCache::new()];
+    let mut rows: Vec<Row<'_>> = sequences
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| Row {
+            tokens,
+            cache,
+            adapter: Some(adapter),
+            logits: LogitsSelection::All,
+        })
+        .collect();
+    let hidden = model.forward_hidden(&mut rows)?; // per row: (P+L, hidden)
+
+    let prompt_len = pair.prompt_ids.len();
+    let mut parts = Vec::with_capacity(2);
+    for (response, hidden) in [&pair.chosen, &pair.rejected].iter().zip(&hidden) {
+        parts.push(response_terms(model, head, hidden, prompt_len, response)?);
+    }
+    let divergence = divergence_point(&pair.chosen.token_ids, &pair.rejected.token_ids);
+    let [chosen, rejected] = [&parts[0], &parts[1]].map(|(log_q, log_v, log_pi)| Trajectory {
+        log_q,
+        log_v,
+        log_pi,
+    });
+    let total = pair_tfpo_loss(chosen, rejected, divergence, params)?;
+
+    // The parts, for logging only.
+    let value = match divergence {
+        Some(index) => {
+            let hinge = value_hinge(
+                &chosen.log_v.get(index + 1)?,
+                &rejected.log_v.get(index + 1)?,
+                params.gamma,
+            )?;
+            Some(hinge.to_scalar::<f32>()?)
+        }
+        None => None,
+    };
+    let total_value = total.to_scalar::<f32>()?;
+    let subtb = total_value - (params.lambda as f32) * value.unwrap_or(0.0);
+    Ok(PairLoss {
+        total,
+        subtb,
+        value,
+    })
+}
+
+/// `(log_q, log_v, log_pi)` of one response from its row's hidden states `(P+L, hidden)`.
+fn response_terms(
+    model: &Llama,
+    head: &ValueHead,
+    hidden: &Tensor,
+    prompt_len: usize,
+    response: &TrainingResponse,
+) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+    let len = response.token_ids.len();
+    let states = hidden.narrow(0, prompt_len - 1, len + 1)?; // (L+1, hidden): s_0..s_L
+    let log_v = head.forward(&states)?; // (L+1,)
+    let logits = model.lm_head(&states.narrow(0, 0, len)?)?; // (L, vocab)
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = Tensor::from_slice(&response.token_ids, (len, 1), hidden.device())?;
+    let log_pi = log_probs.gather(&targets, 1)?.squeeze(1)?; // (L,)
+    let log_q = cumulative_log_q(&response.rewards);
+    let log_q = Tensor::from_vec(log_q, (len + 1,), hidden.device())?;
+    Ok((log_q, log_v, log_pi))
+}

@@ -1,0 +1,147 @@
+//! The TFPO loss's gradient through a tiny model's LoRA adapter and value head, checked against
+//! central finite differences.
+//!
+//! The model runs in f32 only, so the check uses the entries with the largest gradient in each
+//! checked tensor (where f32 round-off is smallest relative to the derivative) and a step of
+//! 1e-2, which balances round-off (about 1e-7 of the loss divided by the step) against the
+//! O(step²) truncation error.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor, Var};
+use llmdoctor::model::lora::{AdapterConfig, Projection};
+use llmdoctor::model::tiny::{TinySpec, TinyWeights};
+use llmdoctor::model::{Llama, LoadOptions, LoraAdapter, WeightFormat};
+use llmdoctor::train::tfpo::{pair_loss, TrainingPair, TrainingResponse};
+use llmdoctor::train::{LossParams, ValueHead, ValueHeadDims};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const STEP: f32 = 1e-2;
+const TOLERANCE: f64 = 1e-3;
+
+fn tiny_dense_model(dir: &std::path::Path) -> Llama {
+    let path = dir.join("tiny.gguf");
+    TinyWeights::random(TinySpec::default())
+        .unwrap()
+        .write_gguf(&path, GgmlDType::F32)
+        .unwrap();
+    let options = LoadOptions {
+        format: WeightFormat::Dense,
+    };
+    Llama::load(&path, &options, &Device::Cpu).unwrap()
+}
+
+fn pair() -> TrainingPair {
+    TrainingPair {
+        pair_id: "p".into(),
+        prompt_ids: vec![257, 40, 41, 42, 10],
+        chosen: TrainingResponse {
+            token_ids: vec![90, 90, 33, 34],
+            rewards: vec![0.9, 0.8, 0.0, 0.3],
+        },
+        rejected: TrainingResponse {
+            token_ids: vec![90, 71, 72],
+            rewards: vec![0.0, -0.7, -0.2],
+        },
+    }
+}
+
+fn loss_value(model: &Llama, adapter: &LoraAdapter, head: &ValueHead, pair: &TrainingPair) -> f64 {
+    let loss = pair_loss(model, adapter, head, pair, &LossParams::default()).unwrap();
+    f64::from(loss.total.to_scalar::<f32>().unwrap())
+}
+
+fn perturbed(var: &Var, index: usize, delta: f32) -> Tensor {
+    let shape = var.shape().clone();
+    let mut values = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values[index] += delta;
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn lora_and_value_head_gradients_match_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_dense_model(dir.path());
+    let config = AdapterConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        use_rslora: false,
+        target_modules: Vec::new(),
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    };
+    let targets = [Projection::Q, Projection::V, Projection::Down];
+    let (adapter, mut vars) =
+        LoraAdapter::init_trainable(model.config(), config, &targets, &Device::Cpu).unwrap();
+    // B starts at zero, which would make every gradient of A zero: give B random values.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for b in vars.iter().skip(1).step_by(2) {
+        let count = b.elem_count();
+        let values: Vec<f32> = (0..count).map(|_| rng.gen_range(-0.3..0.3)).collect();
+        b.set(&Tensor::from_vec(values, b.shape().clone(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let lora_count = vars.len();
+    let dims = ValueHeadDims {
+        hidden: model.config().hidden_size,
+        inner: 16,
+    };
+    let head = ValueHead::new(
+        dims,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &mut vars,
+        &mut rng,
+    )
+    .unwrap();
+    let pair = pair();
+
+    let loss = pair_loss(&model, &adapter, &head, &pair, &LossParams::default()).unwrap();
+    let grads = loss.total.backward().unwrap();
+
+    let missing: Vec<usize> = (0..vars.len())
+        .filter(|&i| grads.get(vars[i].as_tensor()).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "variables without a gradient: {missing:?} of {}",
+        vars.len()
+    );
+    // A and B of the first and the last LoRA target, and the value head's first weight.
+    let checked = [0, 1, lora_count - 2, lora_count - 1, lora_count];
+    for &var_index in &checked {
+        let var = &vars[var_index];
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("variable {var_index} has no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut order: Vec<usize> = (0..grad.len()).collect();
+        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        for &entry in order.iter().take(3) {
+            let original = perturbed(var, entry, 0.0);
+            var.set(&perturbed(var, entry, STEP)).unwrap();
+            let plus = loss_value(&model, &adapter, &head, &pair);
+            var.set(&original).unwrap();
+            var.set(&perturbed(var, entry, -STEP)).unwrap();
+            let minus = loss_value(&model, &adapter, &head, &pair);
+            var.set(&original).unwrap();
+
+            let numeric = (plus - minus) / (2.0 * f64::from(STEP));
+            let analytic = f64::from(grad[entry]);
+            let relative = (numeric - analytic).abs() / analytic.abs().max(1e-6);
+            eprintln!("variable {var_index} entry {entry}: autograd {analytic:.6}, finite difference {numeric:.6}, relative error {relative:.2e}");
+            assert!(
+                relative <= TOLERANCE,
+                "variable {var_index} entry {entry}: autograd {analytic:.6}, finite difference {numeric:.6}, relative error {relative:.2e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The doctor shipped in `doctors/harmless` loads with the real patient and steers generation.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use llmdoctor::doctor::DoctorRegistry;
+use llmdoctor::engine::core::{self as engine, EngineConfig};
+use llmdoctor::engine::request::{DoctorWeight, Steering};
+use llmdoctor::eval::steering::sample;
+use llmdoctor::generate::prompt_ids;
+use llmdoctor::loader::load_model;
+use llmdoctor::model::LoadOptions;
+
+#[test]
+fn shipped_harmless_doctor_steers_real_patient() {
+    let Some(model) = common::real_model_path() else {
+        return;
+    };
+    let patient = load_model(&model, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let doctors = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("doctors");
+    let registry = DoctorRegistry::new(doctors, patient.clone(), LoadOptions::default());
+    let doctor = registry.load("harmless").unwrap();
+    assert_eq!(doctor.name(), "harmless");
+    assert!(doctor.default_beta() > 0.0);
+    let training = &doctor.manifest.training;
+    for key in ["command", "rewards_file", "steps", "wall_seconds"] {
+        assert!(training.contains_key(key), "[training] lacks `{key}`");
+    }
+
+    let prompt = prompt_ids(&patient.tokenizer, None, "How do I pick a lock?").unwrap();
+    let vocab = patient.tokenizer.vocab_size();
+    let handle = engine::start(patient, EngineConfig::default()).unwrap();
+    let steering = Steering {
+        alpha: 1.0,
+        doctors: vec![DoctorWeight {
+            doctor: doctor.clone(),
+            beta: doctor.default_beta(),
+        }],
+    };
+    let output = sample(&handle, &prompt, vocab, steering, 8, 0.0, 0).unwrap();
+    handle.shutdown();
+    assert!(output.completion_tokens > 0);
+    let kl = output.mean_kl.expect("a steered choice reports its KL");
+    assert!(kl.is_finite() && kl >= 0.0, "mean KL {kl}");
+}
