@@ -291,6 +291,17 @@ impl ServeConfig {
         })
     }
 
+    /// Returns how models (the patient and doctors with their own base) are loaded.
+    pub fn load_options(&self) -> crate::model::LoadOptions {
+        let policy = match self.quant {
+            Quant::Fast => crate::model::QuantPolicy::FastTypes,
+            Quant::AsStored => crate::model::QuantPolicy::AsStored,
+        };
+        crate::model::LoadOptions {
+            format: crate::model::WeightFormat::Quantized(policy),
+        }
+    }
+
     /// Returns the engine's scheduler limits.
     pub fn scheduler(&self) -> crate::engine::scheduler::SchedulerConfig {
         crate::engine::scheduler::SchedulerConfig {

@@ -281,3 +281,58 @@ async fn admin_routes_need_the_admin_key() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_scheduler_queue_is_429_not_stream_error() {
+    let server = TestServer::start(Options {
+        patient: Patient::Tiny,
+        tiny: llmdoctor::model::tiny::TinySpec {
+            context_length: 4096,
+            ..Default::default()
+        },
+        configure: Box::new(|c| {
+            c.max_num_seqs = 1;
+            c.max_waiting = 1;
+        }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let long = chat(
+        "go",
+        json!({"max_tokens": 4000, "ignore_eos": true, "stream": true}),
+    );
+    let url = format!("{}/v1/chat/completions", server.url);
+    let running = server.client.post(&url).json(&long).send().await.unwrap();
+    let mut running_body = running.bytes_stream();
+    // The first event is the role chunk, sent before the engine runs anything; wait for
+    // generated text, then for the end of that loop iteration.
+    let mut data_events = 0;
+    while data_events < 3 {
+        let piece = futures_util::StreamExt::next(&mut running_body).await;
+        let bytes = piece.unwrap().unwrap();
+        data_events += bytes.windows(6).filter(|w| w == b"data: ").count();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let waiting = server.client.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(waiting.status().as_u16(), 200);
+    // Give the engine time to move the second request into its waiting queue.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("\nllmdoctor_requests_waiting 1\n"),
+        "{metrics}"
+    );
+
+    let (status, reply) = server
+        .post(
+            "/v1/chat/completions",
+            &chat("hi", json!({"max_tokens": 2})),
+        )
+        .await;
+    assert_error(status, &reply, 429, None);
+    drop(running_body);
+    drop(waiting);
+    assert!(server.wait_idle(std::time::Duration::from_secs(10)).await);
+    server.stop().await;
+}

@@ -182,7 +182,8 @@ async fn metrics_count_requests_and_tokens() {
     );
     assert_eq!(value("llmdoctor_time_to_first_token_seconds_count"), 1.0);
     assert_eq!(value("llmdoctor_inter_token_latency_seconds_count"), 3.0);
-    assert!(value("llmdoctor_step_duration_seconds_count") >= 4.0);
+    // The last step's duration is recorded after its tokens are sent, so it may be missing.
+    assert!(value("llmdoctor_step_duration_seconds_count") >= 3.0);
     assert!(value("llmdoctor_doctor_forward_seconds_count") >= 4.0);
     assert_eq!(value("llmdoctor_requests_running"), 0.0);
     assert_eq!(value("llmdoctor_kv_cache_usage_ratio"), 0.0);

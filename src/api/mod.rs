@@ -71,17 +71,10 @@ impl Ready {
         config: &ServeConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let quant = match config.quant {
-            crate::config::Quant::Fast => crate::model::QuantPolicy::FastTypes,
-            crate::config::Quant::AsStored => crate::model::QuantPolicy::AsStored,
-        };
-        let load_options = crate::model::LoadOptions {
-            format: crate::model::WeightFormat::Quantized(quant),
-        };
         let registry = Arc::new(DoctorRegistry::new(
             config.doctors_dir.clone(),
             patient.clone(),
-            load_options,
+            config.load_options(),
         ));
         if config.doctors_dir.is_dir() {
             for (name, err) in registry.load_all() {

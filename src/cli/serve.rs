@@ -11,7 +11,6 @@ use llmdoctor::config::{Quant, RawConfig, ServeConfig};
 use llmdoctor::fetch::{self, FetchOptions};
 use llmdoctor::loader::load_model;
 use llmdoctor::metrics::Metrics;
-use llmdoctor::model::{LoadOptions, QuantPolicy, WeightFormat};
 
 use super::QuantArg;
 
@@ -131,7 +130,7 @@ fn patient_path(config: &ServeConfig) -> anyhow::Result<PathBuf> {
     }
     let path = fetch::default_model_path()?;
     if !path.exists() {
-        tracing::info!(path = %path.display(), "default model not installed; fetching it now (about 90 MB, once)");
+        tracing::info!(path = %path.display(), "default model not installed; fetching it now (about 100 MB, once)");
         fetch::fetch_model(&fetch::DEFAULT_PATIENT, &FetchOptions::default())?;
     }
     Ok(path)
@@ -142,14 +141,7 @@ fn patient_path(config: &ServeConfig) -> anyhow::Result<PathBuf> {
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let path = patient_path(config)?;
     tracing::info!(path = %path.display(), "loading the patient model");
-    let policy = match config.quant {
-        Quant::Fast => QuantPolicy::FastTypes,
-        Quant::AsStored => QuantPolicy::AsStored,
-    };
-    let options = LoadOptions {
-        format: WeightFormat::Quantized(policy),
-    };
-    let patient = load_model(&path, &options, &Device::Cpu)
+    let patient = load_model(&path, &config.load_options(), &Device::Cpu)
         .with_context(|| format!("failed to load the model `{}`", path.display()))?;
     let patient_id = config.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()

@@ -200,11 +200,17 @@ impl Engine {
         bytes_per_token: usize,
         events: UnboundedSender<Event>,
     ) {
-        self.state.submitted.fetch_sub(1, Ordering::Relaxed);
-        if let Err(err) = self
+        let enqueued = self
             .scheduler
-            .enqueue(id, request.prompt_ids.len(), bytes_per_token)
-        {
+            .enqueue(id, request.prompt_ids.len(), bytes_per_token);
+        // Count the request as waiting before it stops counting as submitted, so that
+        // `EngineState::waiting_total` never dips below the true number in between, which
+        // would let one request too many past the handle's queue limit.
+        self.state
+            .waiting
+            .store(self.scheduler.waiting_len(), Ordering::Relaxed);
+        self.state.submitted.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = enqueued {
             let _ = events.send(Event::Error(err.to_string()));
             return;
         }

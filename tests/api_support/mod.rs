@@ -249,7 +249,7 @@ impl TestServer {
         while started.elapsed() < limit {
             let state = self.engine().state();
             let idle = state.running.load(std::sync::atomic::Ordering::Relaxed) == 0
-                && state.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0
+                && state.waiting_total() == 0
                 && state
                     .kv_used_bytes
                     .load(std::sync::atomic::Ordering::Relaxed)
