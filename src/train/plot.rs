@@ -153,7 +153,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 41);
         assert_eq!(lines[0], "step,pair_id,loss,subtb,value,lr,grad_norm");
-        assert!(lines[3].contains(",,"), "step 3 has no value term: {}", lines[3]);
+        assert!(
+            lines[3].contains(",,"),
+            "step 3 has no value term: {}",
+            lines[3]
+        );
     }
 
     #[test]
