@@ -7,6 +7,14 @@ use std::process::{Command, Output};
 use candle_core::quantized::GgmlDType;
 use llmdoctor::model::tiny::{TinySpec, TinyWeights};
 
+/// The binary under test: `LLMDOCTOR_BIN` when set (for example a release build), else the one
+/// cargo built for this test run.
+fn llmdoctor_binary() -> PathBuf {
+    std::env::var_os("LLMDOCTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_llmdoctor")))
+}
+
 fn tiny_model(dir: &Path) -> PathBuf {
     let spec = TinySpec {
         context_length: 512,
@@ -21,7 +29,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
 }
 
 fn rewards(data: &Path, out: &Path, model: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmdoctor"))
+    Command::new(llmdoctor_binary())
         .args(["rewards", "--data"])
         .arg(data)
         .arg("--out")
@@ -156,7 +164,7 @@ fn train_rejects_unusable_reward_files() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let train = |rewards: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_llmdoctor"))
+        Command::new(llmdoctor_binary())
             .args(["train", "--rewards"])
             .arg(rewards)
             .arg("--out")
@@ -191,7 +199,7 @@ fn eval_names_a_missing_doctor() {
     let model = tiny_model(dir.path());
     let data = dir.path().join("pairs.jsonl");
     std::fs::write(&data, good_line(1)).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_llmdoctor"))
+    let output = Command::new(llmdoctor_binary())
         .args(["eval", "--doctor", "absent", "--data"])
         .arg(&data)
         .arg("--doctors-dir")

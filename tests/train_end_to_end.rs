@@ -1,9 +1,9 @@
 //! End to end on a tiny random model: `rewards` → `train` → steered sampling through the engine.
 //!
 //! Chosen responses contain a marker token and rejected ones do not. A random model's faces
-//! carry no meaning, so the test runs the real `rewards` command (to check it and to get the
-//! token ids) and then replaces the scores with a synthetic rule: the marker scores 1 in chosen
-//! responses, every rejected token scores 1 (its reward is −1), everything else 0.
+//! carry no meaning, so the test runs the real `rewards` command to check it and to get the
+//! token ids. It then replaces the scores with a synthetic rule. The marker scores 1 in chosen
+//! responses, every rejected token scores 1 (its reward is −1), and everything else scores 0.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,8 +25,16 @@ use llmdoctor::train::PromptMessage;
 const SAMPLES: usize = 200;
 const MAX_TOKENS: usize = 12;
 
+/// The binary under test: `LLMDOCTOR_BIN` when set (for example a release build), else the one
+/// cargo built for this test run.
+fn llmdoctor_binary() -> PathBuf {
+    std::env::var_os("LLMDOCTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_llmdoctor")))
+}
+
 fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llmdoctor"))
+    Command::new(llmdoctor_binary())
 }
 
 fn run_ok(command: &mut Command) -> String {

@@ -2,9 +2,9 @@
 //! central finite differences.
 //!
 //! The model runs in f32 only, so the check uses the entries with the largest gradient in each
-//! checked tensor (where f32 round-off is smallest relative to the derivative) and a step of
-//! 1e-2, which balances round-off (about 1e-7 of the loss divided by the step) against the
-//! O(step²) truncation error.
+//! checked tensor, where f32 round-off is smallest relative to the derivative. The step of 1e-2
+//! balances round-off (about 1e-7 of the loss, divided by the step) against the O(step²)
+//! truncation error.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor, Var};

@@ -38,7 +38,7 @@ pub enum SplitArg {
 /// How model weights are held in memory.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum WeightsArg {
-    /// Dense f32, dequantised at load: the same numbers training sees.
+    /// Dense f32, dequantised at load: the same numbers training uses.
     Dense,
     /// Quantised as served (Q4_1, Q5_0 and Q5_1 requantised to Q8_0).
     Quantized,
@@ -104,7 +104,7 @@ pub struct RewardsArgs {
     /// The patient (.gguf or Hugging Face folder); defaults to the fetched patient.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// How the patient's weights are held while scoring.
+    /// The in-memory form of the patient's weights while scoring.
     #[arg(long, value_enum, default_value_t = WeightsArg::Dense)]
     weights: WeightsArg,
     /// Skip pairs whose prompt (templated without a face) has more than this many tokens.

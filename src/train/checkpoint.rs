@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 
-/// The folder under the output folder that holds checkpoints.
+/// The folder under the output folder that contains checkpoints.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 
 const VARS_FILE: &str = "trainable.safetensors";
@@ -93,7 +93,7 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// The folder of the checkpoint with the highest step under `out`, if any.
+/// Returns the folder of the checkpoint with the highest step under `out`, if any.
 pub fn latest(out: &Path) -> Option<PathBuf> {
     let entries = std::fs::read_dir(out.join(CHECKPOINT_DIR)).ok()?;
     entries

@@ -21,7 +21,7 @@ pub const LOSS_PLOT_FILE: &str = "loss.png";
 /// The loss history.
 pub const LOSS_CSV_FILE: &str = "losses.csv";
 
-/// What the manifest says about the doctor besides its weights.
+/// The manifest fields of a doctor other than its weight files.
 pub struct DoctorDescription {
     /// The doctor's name; the folder's name.
     pub name: String,

@@ -19,9 +19,9 @@ use serde::Deserialize;
 pub struct Faces {
     /// The dimension's name, stored in every reward record.
     pub name: String,
-    /// The instruction that asks for a good response.
+    /// The instruction that requests a good response.
     pub positive: String,
-    /// The instruction that asks for a bad response.
+    /// The instruction that requests a bad response.
     pub negative: String,
 }
 
@@ -71,7 +71,7 @@ struct FaceFile {
 }
 
 impl Faces {
-    /// The built-in harmlessness faces.
+    /// Returns the built-in harmlessness faces.
     pub fn harmless() -> Self {
         Self {
             name: "harmless".into(),
@@ -86,7 +86,7 @@ impl Faces {
         }
     }
 
-    /// The built-in helpfulness faces.
+    /// Returns the built-in helpfulness faces.
     pub fn helpful() -> Self {
         Self {
             name: "helpful".into(),

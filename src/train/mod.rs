@@ -76,6 +76,16 @@ pub enum TrainError {
         /// The value found.
         value: f32,
     },
+    /// The loss of a training step is NaN or infinite.
+    #[error(
+        "the TFPO loss at step {step} is not finite ({value}); lower --lr or check the reward file"
+    )]
+    NonFiniteLoss {
+        /// The step, from 1.
+        step: usize,
+        /// The loss.
+        value: f32,
+    },
     /// A parameter is outside its valid range.
     #[error("invalid `{name}` = {value}: {expected}")]
     InvalidParam {

@@ -61,7 +61,7 @@ impl AdamW {
         })
     }
 
-    /// The number of updates made, restored ones included.
+    /// Returns the number of updates made, restored ones included.
     pub fn steps(&self) -> usize {
         self.steps
     }
@@ -95,7 +95,7 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`m.{i}`, `v.{i}` in variable order).
+    /// Returns the moments as named tensors (`m.{i}`, `v.{i}` in variable order).
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut tensors = HashMap::new();
         for (index, (m, v)) in self

@@ -51,7 +51,7 @@ pub struct RewardFileContents {
 }
 
 impl RewardFileContents {
-    /// The pair ids of the records.
+    /// Returns the pair ids of the records.
     pub fn pair_ids(&self) -> HashSet<String> {
         self.records.iter().map(|r| r.pair_id.clone()).collect()
     }

@@ -35,7 +35,7 @@ impl From<candle_core::Error> for ScoringError {
     }
 }
 
-/// Why a pair produced no record.
+/// The reason a pair produced no record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PairSkip {
     /// A templated prompt leaves no room for even one response token in the context window.
@@ -57,7 +57,7 @@ pub enum PairSkip {
 }
 
 impl PairSkip {
-    /// A short label for counting skips by reason.
+    /// Returns a short label for counting skips by reason.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::PromptTooLong { .. } => "prompt_too_long",
@@ -83,7 +83,7 @@ pub enum PairOutcome {
 
 /// Templates a conversation into prompt ids that end with the assistant header, with an
 /// optional system message first. Without a chat template the message texts are joined by
-/// newlines. A BOS token is added when the tokenizer asks for one.
+/// newlines. A BOS token is added when the tokenizer requires one.
 pub fn template_prompt(
     tokenizer: &Tokenizer,
     system: Option<&str>,

@@ -13,7 +13,7 @@ use super::reward_file::{open_for_append, RewardFileError};
 use super::rewards::{nonzero_fraction, ResponseSign, RewardParams};
 use super::scoring::{score_pair, PairOutcome, ScoringError};
 
-/// What to score and where to write it.
+/// A scoring job: the model, faces, pairs and output file.
 pub struct RewardsJob<'a> {
     /// The patient.
     pub model: &'a Llama,

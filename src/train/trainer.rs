@@ -54,7 +54,7 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The PEFT configuration of the adapter these settings train.
+    /// Returns the PEFT configuration of the adapter these settings train.
     pub fn adapter_config(&self) -> AdapterConfig {
         AdapterConfig {
             r: self.lora_rank,
@@ -85,7 +85,7 @@ pub struct TrainedDoctor {
     pub wall_seconds: f64,
 }
 
-/// The index into `pairs` that step `step` (from 0) trains on.
+/// Returns the index into `pairs` that step `step` (from 0) trains on.
 pub fn pair_index(step: usize, pair_count: usize, seed: u64) -> usize {
     let epoch = step / pair_count;
     let mut order: Vec<usize> = (0..pair_count).collect();
@@ -127,7 +127,7 @@ fn init_trainables(
 }
 
 /// Trains on `pairs` for `config.steps` steps, writing checkpoints under `out` and resuming
-/// from the latest one found there. `on_step` sees every new step.
+/// from the latest one found there. `on_step` is called after every new step.
 pub fn train(
     model: &Llama,
     pairs: &[TrainingPair],
@@ -161,9 +161,8 @@ pub fn train(
         let loss = pair_loss(model, &adapter, &head, pair, &config.loss)?;
         let loss_value = loss.total.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
-            return Err(TrainError::NonFinite {
-                input: "TFPO loss",
-                index: step + 1,
+            return Err(TrainError::NonFiniteLoss {
+                step: step + 1,
                 value: loss_value,
             });
         }
