@@ -214,15 +214,8 @@ impl Engine {
             let _ = events.send(Event::Error(err.to_string()));
             return;
         }
-        let context_limit = request
-            .steering
-            .doctors
-            .iter()
-            .filter_map(|d| d.doctor.own_context_length())
-            .fold(
-                self.patient.model.config().max_position_embeddings,
-                usize::min,
-            );
+        let context_limit =
+            request.context_limit(self.patient.model.config().max_position_embeddings);
         let base_seed = request
             .sampling
             .seed()
@@ -600,7 +593,11 @@ impl Engine {
                         .collect(),
                 });
             self.push_token(
-                active_parts(&active.request, &active.events, active.context_limit),
+                RequestParts {
+                    request: &active.request,
+                    events: &active.events,
+                    context_limit: active.context_limit,
+                },
                 choice,
                 sampled.token,
                 logprobs,
@@ -783,18 +780,6 @@ struct RequestParts<'a> {
     request: &'a GenerationRequest,
     events: &'a UnboundedSender<Event>,
     context_limit: usize,
-}
-
-fn active_parts<'a>(
-    request: &'a GenerationRequest,
-    events: &'a UnboundedSender<Event>,
-    context_limit: usize,
-) -> RequestParts<'a> {
-    RequestParts {
-        request,
-        events,
-        context_limit,
-    }
 }
 
 /// The log-probability of `token` under one row's raw logits.

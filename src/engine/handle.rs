@@ -187,12 +187,7 @@ impl EngineHandle {
 
     /// The smallest context window among the patient and the request's doctors.
     pub fn context_limit(&self, request: &GenerationRequest) -> usize {
-        request
-            .steering
-            .doctors
-            .iter()
-            .filter_map(|d| d.doctor.own_context_length())
-            .fold(self.patient_context, usize::min)
+        request.context_limit(self.patient_context)
     }
 
     /// The patient's context window.

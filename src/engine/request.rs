@@ -40,6 +40,18 @@ impl Steering {
     }
 }
 
+impl GenerationRequest {
+    /// Returns the smallest context window among the patient (`patient_context`) and the
+    /// request's doctors that run on their own base.
+    pub fn context_limit(&self, patient_context: usize) -> usize {
+        self.steering
+            .doctors
+            .iter()
+            .filter_map(|d| d.doctor.own_context_length())
+            .fold(patient_context, usize::min)
+    }
+}
+
 /// Whether the model's end-of-sequence tokens end generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum EosPolicy {

@@ -99,8 +99,9 @@ pub(crate) fn attend(
     out
 }
 
-/// Dot product with eight partial sums; the order depends only on the length.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Computes a dot product with eight partial sums, which the compiler keeps in one SIMD
+/// register. The summation order depends only on the length, so results do not depend on the batch.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0f32; 8];
     let chunks = a.len() / 8;
     for i in 0..chunks {

@@ -181,30 +181,13 @@ impl HostPair {
         debug_assert_eq!(out.len(), self.out_features);
         for k in 0..self.rank {
             let row = &self.a[k * self.in_features..(k + 1) * self.in_features];
-            let coefficient = scale * dot(row, x);
+            let coefficient = scale * super::attention::dot(row, x);
             let column = &self.b_t[k * self.out_features..(k + 1) * self.out_features];
             for (o, &b) in out.iter_mut().zip(column) {
                 *o += coefficient * b;
             }
         }
     }
-}
-
-/// Dot product with eight independent partial sums, which the compiler can keep in one SIMD
-/// register; the summation order depends only on the length.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut partial = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for lane in 0..8 {
-            partial[lane] += a[i * 8 + lane] * b[i * 8 + lane];
-        }
-    }
-    let mut sum = partial.iter().sum::<f32>();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 /// A LoRA adapter bound to one model configuration.
