@@ -1,6 +1,6 @@
 //! `llmdoctor bench`: throughput and latency of the engine, driven directly (no HTTP).
 //!
-//! Each configuration (steering mode × concurrency) runs `repeats` times; every run submits
+//! Each configuration (steering mode × concurrency) runs `repeats` times. Every run submits
 //! `concurrency` requests with distinct prompts and `ignore_eos`, so every request generates
 //! exactly `max_tokens` tokens. Figures are medians over the runs.
 
@@ -23,7 +23,7 @@ pub struct BenchMode {
     pub doctors: Vec<(Arc<Doctor>, f32)>,
 }
 
-/// What to run.
+/// The configurations to run.
 #[derive(Clone, Debug)]
 pub struct BenchPlan {
     /// Steering modes; the first is the baseline for ratios.
@@ -226,7 +226,7 @@ pub fn prefill_tokens_per_second(
     Ok(percentile(&mut rates, 0.5))
 }
 
-/// The `q` quantile (0..=1) by nearest rank; 0 for an empty slice.
+/// Returns the `q` quantile (0..=1) by nearest rank, or 0 for an empty slice.
 pub fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;

@@ -752,8 +752,8 @@ fn real_model_deltas_are_whole_characters() {
         }
         let decoded = tokenizer.decode(&ids).unwrap();
         assert_eq!(streamed, decoded, "prompt {index}");
-        // A U+FFFD in a delta is only right where the model itself produced invalid bytes,
-        // which the full decode shows too; a split character would add one.
+        // A U+FFFD in a delta is right only where the model itself produced invalid bytes, and
+        // the full decode shows those too. A split character would add one more.
         assert_eq!(
             replacement_chars,
             decoded.matches('\u{FFFD}').count(),

@@ -138,7 +138,7 @@ const TOPICS: [&str; 8] = [
     "jazz music",
 ];
 
-/// A chat prompt of about `tokens` tokens.
+/// Builds a chat prompt of `tokens` tokens.
 fn prefill_prompt(patient: &LoadedModel, tokens: usize) -> anyhow::Result<Vec<u32>> {
     let sentence = "The quick brown fox jumps over the lazy dog near the river bank. ";
     let mut text = String::new();
@@ -151,7 +151,7 @@ fn prefill_prompt(patient: &LoadedModel, tokens: usize) -> anyhow::Result<Vec<u3
     }
 }
 
-/// A doctor on the patient's base with a random rank-`rank` adapter on every projection, so it
+/// Builds a doctor on the patient's base with a random rank-`rank` adapter on every projection, so it
 /// costs what a trained doctor costs.
 fn random_doctor(
     patient: &LoadedModel,

@@ -71,7 +71,7 @@ impl QuantArg {
     }
 }
 
-/// The model path given on the command line, or the fetched default patient.
+/// Returns the model path given on the command line, or the fetched default patient.
 pub fn model_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = explicit {
         return Ok(path);

@@ -32,7 +32,7 @@ pub enum DoctorError {
     BadFolder {
         /// The folder.
         path: PathBuf,
-        /// Why it cannot be used.
+        /// The reason it cannot be used.
         reason: String,
     },
     /// `doctor.toml` is missing or invalid.
@@ -107,7 +107,7 @@ pub struct Doctor {
 }
 
 impl Doctor {
-    /// The doctor's name.
+    /// Returns the doctor's name.
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
@@ -117,7 +117,7 @@ impl Doctor {
         self.manifest.default_beta
     }
 
-    /// The context length of the doctor's base, or `None` when it is the patient.
+    /// Returns the context length of the doctor's base, or `None` when it is the patient.
     pub fn own_context_length(&self) -> Option<usize> {
         match &self.base {
             DoctorBase::Patient => None,
@@ -148,7 +148,7 @@ pub struct DoctorRegistry {
 }
 
 impl DoctorRegistry {
-    /// An empty registry for doctors under `dir`.
+    /// Creates an empty registry for doctors under `dir`.
     pub fn new(dir: PathBuf, patient: LoadedModel, load_options: LoadOptions) -> Self {
         Self {
             dir,
@@ -160,7 +160,7 @@ impl DoctorRegistry {
         }
     }
 
-    /// The doctors directory.
+    /// Returns the doctors directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -258,7 +258,7 @@ impl DoctorRegistry {
             })
     }
 
-    /// Every loaded doctor, by name.
+    /// Returns every loaded doctor, ordered by name.
     pub fn list(&self) -> Vec<Arc<Doctor>> {
         let doctors = self.doctors.read().unwrap_or_else(|e| e.into_inner());
         doctors.values().cloned().collect()

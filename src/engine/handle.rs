@@ -133,7 +133,7 @@ pub struct EngineHandle {
     pub(crate) scheduler: SchedulerConfig,
     /// KV bytes per position of one patient row.
     pub(crate) patient_bytes_per_token: usize,
-    /// The patient's context window.
+    /// Returns the patient's context window.
     pub(crate) patient_context: usize,
     pub(crate) thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -185,7 +185,7 @@ impl EngineHandle {
         Ok(receiver)
     }
 
-    /// The smallest context window among the patient and the request's doctors.
+    /// Returns the smallest context window among the patient and the request's doctors.
     pub fn context_limit(&self, request: &GenerationRequest) -> usize {
         request.context_limit(self.patient_context)
     }
@@ -211,12 +211,12 @@ impl EngineHandle {
         request.n * (self.patient_bytes_per_token + doctor_rows)
     }
 
-    /// The live counters.
+    /// Returns the live counters.
     pub fn state(&self) -> &EngineState {
         &self.state
     }
 
-    /// The scheduler limits.
+    /// Returns the scheduler limits.
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler
     }

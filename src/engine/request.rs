@@ -1,4 +1,4 @@
-//! What the engine accepts and what it sends back.
+//! Requests the engine accepts and the events it sends back.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ pub struct DoctorWeight {
     pub beta: f32,
 }
 
-/// How a request is steered.
+/// The steering of a request: α and the doctors with their β.
 #[derive(Clone, Debug)]
 pub struct Steering {
     /// α, the patient's weight.
@@ -83,7 +83,7 @@ pub struct GenerationRequest {
     pub steering: Steering,
 }
 
-/// Why a choice ended.
+/// The reason a choice ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// EOS, an end-of-turn token, a stop token or a stop string.
@@ -151,7 +151,7 @@ pub struct SteeringSummary {
 pub struct ChoiceEnd {
     /// The choice index.
     pub choice: usize,
-    /// Why it ended.
+    /// The reason it ended.
     pub reason: FinishReason,
     /// Text still held back, released at the end (may be empty).
     pub text: String,

@@ -43,7 +43,7 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// What the scheduler tracks of one request.
+/// The scheduler's record of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     id: RequestId,
@@ -61,7 +61,7 @@ impl Entry {
     }
 }
 
-/// Why a request cannot be admitted.
+/// The reason a request cannot be admitted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
     /// The waiting queue is full.
@@ -112,7 +112,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// An empty scheduler.
+    /// Creates an empty scheduler.
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
@@ -213,7 +213,7 @@ impl Scheduler {
         self.used_bytes as f64 / self.config.kv_budget_bytes.max(1) as f64
     }
 
-    /// Whether any request is waiting or running.
+    /// Reports whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
@@ -222,7 +222,7 @@ impl Scheduler {
     ///
     /// 1. Running requests with one pending position (decodes) are scheduled oldest first. When
     ///    one needs a new block and the budget is spent, the newest running request is
-    ///    preempted until it fits; if the request itself is the newest, it is preempted.
+    ///    preempted until it fits. That may be the decoding request itself.
     /// 2. Running requests still in prefill get their next chunk while the step's token budget
     ///    lasts.
     /// 3. Waiting requests are admitted in order while their whole pending prompt fits the

@@ -1,8 +1,9 @@
 //! Per-row KV cache storage.
 //!
 //! Each layer keeps one key and one value buffer of shape `(n_kv_heads, capacity, head_dim)`.
-//! New positions are written in place, and the buffers grow geometrically, so appending a token
-//! copies only that token's keys and values; growth copies the filled part once per doubling.
+//! New positions are written in place and the buffers grow geometrically. Appending a token
+//! therefore copies only that token's keys and values, and growth copies the filled part once
+//! per doubling.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -35,7 +36,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache. Buffers are allocated on first use.
+    /// Creates an empty cache. Buffers are allocated on first use.
     pub fn new() -> Self {
         Self::default()
     }
@@ -45,7 +46,7 @@ impl KvCache {
         self.len
     }
 
-    /// Whether no position is stored.
+    /// Reports whether no position is stored.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -73,7 +74,7 @@ impl KvCache {
         self.capacity = 0;
     }
 
-    /// A deep copy whose writes do not affect `self`, for sequences that share a prefix.
+    /// Returns a deep copy whose writes do not affect `self`, for sequences that share a prefix.
     pub fn fork(&self) -> Result<Self, ModelError> {
         let layers = self
             .layers

@@ -18,7 +18,7 @@ use super::lora::{LoraAdapter, LoraPair, Projection};
 use super::weights::{Embedding, Linear, LoadOptions, WeightFormat, WeightSource};
 use super::ModelError;
 
-/// Which implementation of RMSNorm and RoPE the forward uses.
+/// The implementation of RMSNorm, RoPE and attention that the forward uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     /// candle's fused kernels; they have no backward pass.
@@ -27,7 +27,7 @@ pub enum Kernels {
     Differentiable,
 }
 
-/// Which positions of a row get logits.
+/// The positions of a row that get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsSelection {
     /// Only the last new token (generation).
@@ -44,7 +44,7 @@ pub struct Row<'a> {
     pub cache: &'a mut KvCache,
     /// The adapter applied on top of the base weights, if any.
     pub adapter: Option<&'a LoraAdapter>,
-    /// Which positions get logits.
+    /// The positions that get logits.
     pub logits: LogitsSelection,
 }
 
@@ -74,7 +74,8 @@ impl DecoderLayer {
     }
 }
 
-/// A llama-family causal LM. It holds weights only; per-sequence state lives in [`KvCache`]s.
+/// A llama-family causal LM. It contains weights only, because per-sequence state lives in
+/// [`KvCache`]s.
 pub struct Llama {
     config: ModelConfig,
     embed_tokens: Embedding,
@@ -87,7 +88,7 @@ pub struct Llama {
     device: Device,
 }
 
-/// Where one row's tokens sit in the batch.
+/// The position of one row's tokens in the batch.
 struct RowSpan {
     offset: usize,
     len: usize,
@@ -259,12 +260,12 @@ impl Llama {
         })
     }
 
-    /// The resolved configuration.
+    /// Returns the resolved configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    /// The device the weights live on.
+    /// Returns the device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -274,7 +275,7 @@ impl Llama {
         self.kernels = kernels;
     }
 
-    /// The dense f32 weight of a projection, `(out, in)`, for tests and merges.
+    /// Returns the dense f32 weight of a projection, `(out, in)`, for tests and merges.
     pub fn projection_weight(
         &self,
         layer: usize,
@@ -584,7 +585,7 @@ fn project(
     Ok((y + Tensor::cat(&pieces, 0)?)?)
 }
 
-/// The LoRA deltas of a step computed on the host, `(tokens, out)`, or `None` when a pair has
+/// Computes the LoRA deltas of a step on the host, `(tokens, out)`, or `None` when a pair has
 /// no host copy (trainable adapters). One pass over the batch replaces two small matmuls per
 /// row, and each token's delta is computed in a fixed order.
 fn host_deltas(
@@ -638,9 +639,9 @@ struct LoraSpan<'a> {
 /// How LoRA deltas are computed for one step.
 ///
 /// Serving computes each row's delta on that row's tokens alone. An f32 GEMM rounds
-/// differently for different row counts, so a delta computed over a group of rows would make a
-/// row's logits depend on which other rows share its adapter in that step, and seeded sampling
-/// would no longer be independent of the batch. Training, where every row uses the same adapter
+/// differently for different row counts. A delta computed over a group of rows would therefore
+/// make a row's logits depend on the other rows that share its adapter in that step, and seeded
+/// sampling would depend on the batch. Training, where every row uses the same adapter
 /// and no such guarantee is needed, runs one GEMM over the whole batch.
 struct LoraPlan<'a> {
     spans: Vec<LoraSpan<'a>>,

@@ -125,7 +125,7 @@ fn default_peft_type() -> String {
 }
 
 impl AdapterConfig {
-    /// The factor applied to `B·A`.
+    /// Returns the factor applied to `B·A`.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.lora_alpha / (self.r as f64).sqrt()
@@ -200,17 +200,17 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// The factor applied to `B·A·x`.
+    /// Returns the factor applied to `B·A·x`.
     pub fn scale(&self) -> f64 {
         self.scale
     }
 
-    /// The PEFT configuration.
+    /// Returns the PEFT configuration.
     pub fn config(&self) -> &AdapterConfig {
         &self.config
     }
 
-    /// The pair for `projection` in `layer`, if the adapter targets it.
+    /// Returns the pair for `projection` in `layer`, if the adapter targets it.
     pub fn pair(&self, layer: usize, projection: Projection) -> Option<&LoraPair> {
         self.layers.get(layer)?[projection.index()].as_ref()
     }
@@ -364,7 +364,7 @@ impl LoraAdapter {
         ))
     }
 
-    /// The adapter's tensors under PEFT names, in the Hugging Face rotary layout, ready for
+    /// Returns the adapter's tensors under PEFT names, in the Hugging Face rotary layout, ready for
     /// `safetensors` serialisation.
     pub fn to_peft_tensors(
         &self,

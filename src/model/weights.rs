@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::qgemm::Q8Matrix;
 use super::ModelError;
 
-/// How weights are held in memory.
+/// The in-memory format of the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
     /// Keep GGUF quantised blocks and run quantised matmuls (serving).
@@ -20,7 +20,7 @@ pub enum WeightFormat {
     Dense,
 }
 
-/// What to do with quantised types that candle has no fast CPU kernel for.
+/// The treatment of quantised types that candle has no fast CPU kernel for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantPolicy {
     /// Keep every tensor in its stored type.
@@ -34,7 +34,7 @@ pub enum QuantPolicy {
 /// Options for loading a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// How weights are held.
+    /// The in-memory format of the weights.
     pub format: WeightFormat,
 }
 
@@ -125,7 +125,7 @@ impl Linear {
         self.out_features
     }
 
-    /// The weight as a dense f32 `(out, in)` tensor.
+    /// Returns the weight as a dense f32 `(out, in)` tensor.
     pub fn dense_weight(&self) -> Result<Tensor, ModelError> {
         Ok(match &self.weight {
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
@@ -234,14 +234,14 @@ impl WeightSource {
         })
     }
 
-    /// The file or folder the weights come from.
+    /// Returns the file or folder the weights come from.
     pub fn path(&self) -> &Path {
         match self {
             Self::Gguf { path, .. } | Self::Safetensors { path, .. } => path,
         }
     }
 
-    /// Whether a tensor of this name exists.
+    /// Reports whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Self::Gguf { content, .. } => content.tensor_infos.contains_key(name),
