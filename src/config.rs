@@ -40,11 +40,14 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Quant {
-    /// Requantise types without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
+    /// Requantise types without a batched CPU kernel (Q5_0, Q5_1, K-quants) to Q8_0.
     #[default]
     Fast,
     /// Keep every tensor as stored in the file.
     AsStored,
+    /// Requantise every block type to Q8_0, 4-bit ones included (for comparisons).
+    #[serde(rename = "q8-0")]
+    Q8_0,
 }
 
 /// Settings as one source gives them; `None` means "not set here".
@@ -296,6 +299,7 @@ impl ServeConfig {
         let policy = match self.quant {
             Quant::Fast => crate::model::QuantPolicy::FastTypes,
             Quant::AsStored => crate::model::QuantPolicy::AsStored,
+            Quant::Q8_0 => crate::model::QuantPolicy::AllQ8_0,
         };
         crate::model::LoadOptions {
             format: crate::model::WeightFormat::Quantized(policy),

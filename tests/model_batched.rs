@@ -304,7 +304,11 @@ fn batched_rows_bit_identical_when_quantized() {
     let weights = TinyWeights::random(spec).unwrap();
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
         let path = write_gguf(dir.path(), &weights, dtype);
-        for policy in [QuantPolicy::AsStored, QuantPolicy::FastTypes] {
+        for policy in [
+            QuantPolicy::AsStored,
+            QuantPolicy::FastTypes,
+            QuantPolicy::AllQ8_0,
+        ] {
             let model = Llama::load(&path, &quantized(policy), &Device::Cpu).unwrap();
             let adapters = two_adapters(dir.path(), &spec, &model);
             let (plain, adapted) = batched_vs_alone(&model, &adapters);
@@ -525,7 +529,11 @@ fn real_model_rows_bit_identical_in_batch() {
     let Some(path) = common::real_model_path() else {
         return;
     };
-    for policy in [QuantPolicy::AsStored, QuantPolicy::FastTypes] {
+    for policy in [
+        QuantPolicy::AsStored,
+        QuantPolicy::FastTypes,
+        QuantPolicy::AllQ8_0,
+    ] {
         let model = Llama::load(&path, &quantized(policy), &Device::Cpu).unwrap();
         let (plain, _) = batched_vs_alone_plain(&model);
         assert_eq!(

@@ -53,10 +53,13 @@ pub enum Command {
 /// How quantised weights are kept in memory.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum QuantArg {
-    /// Requantise types without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
+    /// Requantise types without a batched CPU kernel (Q5_0, Q5_1, K-quants) to Q8_0.
     Fast,
     /// Keep every tensor as stored in the file.
     AsStored,
+    /// Requantise every block type to Q8_0, 4-bit ones included (for comparisons).
+    #[value(name = "q8-0")]
+    Q8_0,
 }
 
 impl QuantArg {
@@ -64,6 +67,7 @@ impl QuantArg {
         let policy = match self {
             Self::Fast => QuantPolicy::FastTypes,
             Self::AsStored => QuantPolicy::AsStored,
+            Self::Q8_0 => QuantPolicy::AllQ8_0,
         };
         LoadOptions {
             format: WeightFormat::Quantized(policy),

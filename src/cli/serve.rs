@@ -95,6 +95,7 @@ impl ServeArgs {
             quant: self.quant.map(|q| match q {
                 QuantArg::Fast => Quant::Fast,
                 QuantArg::AsStored => Quant::AsStored,
+                QuantArg::Q8_0 => Quant::Q8_0,
             }),
             doctors_dir: self.doctors_dir.clone(),
             api_keys: self.api_keys.clone(),

@@ -1,11 +1,13 @@
-//! A batched Q8_0 matrix multiplication for the CPU that reads each weight block once per call
-//! for all rows.
+//! Batched quantised matrix multiplication for the CPU that reads each weight block once per
+//! call for all rows. It covers Q8_0, Q4_0 and Q4_1 natively; the loader requantises the other
+//! types to Q8_0 (see `QuantPolicy`).
 //!
 //! On SmolLM2's shapes, candle 0.11's quantised matmul cost about as much per row at 16 rows as
 //! at one (measured: `docs/benchmarks.md`). Here the weight matrix `(out, in)` is walked once.
-//! Every block of 32 weights is loaded once and multiplied with the matching blocks of up to four
-//! activation rows while it sits in registers. Activations are quantised per block of 32 to
-//! int8, as llama.cpp and candle do for Q8_0.
+//! Every block of 32 weights is loaded (and, for 4-bit types, unpacked) once and multiplied with
+//! the matching blocks of up to four activation rows while it sits in registers. Activations are
+//! quantised per block of 32 to int8, as llama.cpp does: Q8_0 weights meet Q8_0 activations and
+//! 4-bit weights meet Q8_1-style activations, whose block sums carry the weights' offset.
 //!
 //! Each output element is computed by the same instruction sequence, in the same order, whether
 //! its row is alone or in a batch, so results are bit-identical across batch compositions.
@@ -19,53 +21,111 @@ use rayon::prelude::*;
 const BLOCK: usize = 32;
 /// Bytes of one Q8_0 block in GGUF: an f16 scale and 32 int8 values.
 const Q8_0_BYTES: usize = 2 + BLOCK;
+/// Bytes of one Q4_0 block in GGUF: an f16 scale and 32 packed 4-bit values.
+const Q4_0_BYTES: usize = 2 + BLOCK / 2;
+/// Bytes of one Q4_1 block in GGUF: an f16 scale, an f16 minimum and 32 packed 4-bit values.
+const Q4_1_BYTES: usize = 4 + BLOCK / 2;
 /// Output columns per parallel task.
 const COLUMNS_PER_TASK: usize = 64;
 
-/// A Q8_0 weight matrix `(out, in)` with scales and values in separate arrays.
+/// The weights of a [`QuantMatrix`], one scale per block of 32 in every layout.
 #[derive(Debug)]
-pub struct Q8Matrix {
-    out_features: usize,
-    in_features: usize,
-    /// `(out, in)` int8 values.
-    values: Vec<i8>,
-    /// `(out, in / 32)` scales.
-    scales: Vec<f32>,
+enum Layout {
+    /// `w = scale · q` with `q` in int8: `(out, in)` values.
+    Q8 { values: Vec<i8> },
+    /// `w = scale · q + min` with `q` in `0..16`: `(out, in / 2)` bytes, where byte `j` of a
+    /// block holds element `j` in its low nibble and element `j + 16` in its high nibble (the
+    /// GGUF order). Q4_0 is stored with `min = −8 · scale`.
+    Q4 { nibbles: Vec<u8>, mins: Vec<f32> },
 }
 
-/// Activations quantised per block: `(rows, in)` int8 values and `(rows, in / 32)` scales.
+/// A quantised weight matrix `(out, in)` in a layout the kernels read directly.
+#[derive(Debug)]
+pub struct QuantMatrix {
+    out_features: usize,
+    in_features: usize,
+    /// `(out, in / 32)` scales.
+    scales: Vec<f32>,
+    layout: Layout,
+}
+
+/// Activations quantised per block: `(rows, in)` int8 values, `(rows, in / 32)` scales, and
+/// `(rows, in / 32)` block sums `scale · Σ q` for the 4-bit layouts' offsets.
 struct QuantizedRows {
     values: Vec<i8>,
     scales: Vec<f32>,
+    sums: Vec<f32>,
 }
 
-impl Q8Matrix {
-    /// Converts a Q8_0 tensor; `None` for other types or an inner size that is not a multiple
-    /// of 32.
+/// The weights of one output column, borrowed from a [`QuantMatrix`].
+#[derive(Clone, Copy)]
+enum Column<'a> {
+    Q8 {
+        values: &'a [i8],
+        scales: &'a [f32],
+    },
+    Q4 {
+        nibbles: &'a [u8],
+        scales: &'a [f32],
+        mins: &'a [f32],
+    },
+}
+
+fn f16_at(bytes: &[u8], offset: usize) -> f32 {
+    f16::from_le_bytes([bytes[offset], bytes[offset + 1]]).to_f32()
+}
+
+impl QuantMatrix {
+    /// Converts a Q8_0, Q4_0 or Q4_1 tensor; `None` for other types or an inner size that is
+    /// not a multiple of 32.
     pub fn from_qtensor(tensor: &QTensor) -> Option<Self> {
-        if tensor.dtype() != GgmlDType::Q8_0 {
-            return None;
-        }
+        let block_bytes = match tensor.dtype() {
+            GgmlDType::Q8_0 => Q8_0_BYTES,
+            GgmlDType::Q4_0 => Q4_0_BYTES,
+            GgmlDType::Q4_1 => Q4_1_BYTES,
+            _ => return None,
+        };
         let (out_features, in_features) = tensor.shape().dims2().ok()?;
         if in_features % BLOCK != 0 {
             return None;
         }
         let data = tensor.data().ok()?;
         let blocks = out_features * in_features / BLOCK;
-        if data.len() != blocks * Q8_0_BYTES {
+        if data.len() != blocks * block_bytes {
             return None;
         }
-        let mut values = Vec::with_capacity(out_features * in_features);
         let mut scales = Vec::with_capacity(blocks);
-        for block in data.chunks_exact(Q8_0_BYTES) {
-            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            values.extend(block[2..].iter().map(|&b| b as i8));
-        }
+        let layout = match tensor.dtype() {
+            GgmlDType::Q8_0 => {
+                let mut values = Vec::with_capacity(out_features * in_features);
+                for block in data.chunks_exact(Q8_0_BYTES) {
+                    scales.push(f16_at(block, 0));
+                    values.extend(block[2..].iter().map(|&b| b as i8));
+                }
+                Layout::Q8 { values }
+            }
+            dtype => {
+                let header = block_bytes - BLOCK / 2;
+                let mut nibbles = Vec::with_capacity(out_features * in_features / 2);
+                let mut mins = Vec::with_capacity(blocks);
+                for block in data.chunks_exact(block_bytes) {
+                    let scale = f16_at(block, 0);
+                    scales.push(scale);
+                    mins.push(if dtype == GgmlDType::Q4_1 {
+                        f16_at(block, 2)
+                    } else {
+                        -8.0 * scale
+                    });
+                    nibbles.extend_from_slice(&block[header..]);
+                }
+                Layout::Q4 { nibbles, mins }
+            }
+        };
         Some(Self {
             out_features,
             in_features,
-            values,
             scales,
+            layout,
         })
     }
 
@@ -79,17 +139,55 @@ impl Q8Matrix {
         self.in_features
     }
 
+    /// Bytes of weight data held, scales included.
+    pub fn weight_bytes(&self) -> usize {
+        let layout = match &self.layout {
+            Layout::Q8 { values } => values.len(),
+            Layout::Q4 { nibbles, mins } => nibbles.len() + 4 * mins.len(),
+        };
+        layout + 4 * self.scales.len()
+    }
+
+    fn column(&self, column: usize) -> Column<'_> {
+        let blocks = self.in_features / BLOCK;
+        let scales = &self.scales[column * blocks..][..blocks];
+        match &self.layout {
+            Layout::Q8 { values } => Column::Q8 {
+                values: &values[column * self.in_features..][..self.in_features],
+                scales,
+            },
+            Layout::Q4 { nibbles, mins } => Column::Q4 {
+                nibbles: &nibbles[column * self.in_features / 2..][..self.in_features / 2],
+                scales,
+                mins: &mins[column * blocks..][..blocks],
+            },
+        }
+    }
+
     /// Returns the weights as dense f32, `(out, in)` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let blocks = self.in_features / BLOCK;
-        self.values
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                v as f32
-                    * self.scales[(i / self.in_features) * blocks + (i % self.in_features) / BLOCK]
-            })
-            .collect()
+        let mut out = Vec::with_capacity(self.out_features * self.in_features);
+        for column in 0..self.out_features {
+            match self.column(column) {
+                Column::Q8 { values, scales } => {
+                    for (block, values) in values.chunks_exact(BLOCK).enumerate() {
+                        out.extend(values.iter().map(|&q| q as f32 * scales[block]));
+                    }
+                }
+                Column::Q4 {
+                    nibbles,
+                    scales,
+                    mins,
+                } => {
+                    for (block, bytes) in nibbles.chunks_exact(BLOCK / 2).enumerate() {
+                        let value = |q: u8| q as f32 * scales[block] + mins[block];
+                        out.extend(bytes.iter().map(|&b| value(b & 0x0F)));
+                        out.extend(bytes.iter().map(|&b| value(b >> 4)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// `x·Wᵀ` for `rows` rows of `x` (`(rows, in)` row-major) into `(rows, out)` row-major.
@@ -106,10 +204,8 @@ impl Q8Matrix {
             .for_each(|(task, out)| {
                 let first = task * COLUMNS_PER_TASK;
                 for (offset, column_out) in out.chunks_exact_mut(rows).enumerate() {
-                    let column = first + offset;
-                    let weights = &self.values[column * self.in_features..][..self.in_features];
-                    let scales = &self.scales[column * blocks..][..blocks];
-                    kernel.column(weights, scales, &activations, blocks, column_out);
+                    let column = self.column(first + offset);
+                    kernel.column(column, &activations, blocks, column_out);
                 }
             });
         let mut out = vec![0f32; rows * self.out_features];
@@ -127,6 +223,7 @@ fn quantize_rows(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
     let blocks = in_features / BLOCK;
     let mut values = vec![0i8; rows * in_features];
     let mut scales = vec![0f32; rows * blocks];
+    let mut sums = vec![0f32; rows * blocks];
     for (index, (chunk, out)) in x
         .chunks_exact(BLOCK)
         .zip(values.chunks_exact_mut(BLOCK))
@@ -135,12 +232,19 @@ fn quantize_rows(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut total = 0i32;
         for (o, &v) in out.iter_mut().zip(chunk) {
             *o = (v * inverse).round() as i8;
+            total += *o as i32;
         }
         scales[index] = scale;
+        sums[index] = scale * total as f32;
     }
-    QuantizedRows { values, scales }
+    QuantizedRows {
+        values,
+        scales,
+        sums,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -161,41 +265,57 @@ impl Kernel {
         Self::Scalar
     }
 
-    /// Computes one output column for every row: `out[row] = Σ_blocks dw · dx · (w_block · x_block)`.
+    /// Computes one output column for every row of `activations`.
     fn column(
         self,
-        weights: &[i8],
-        scales: &[f32],
+        column: Column<'_>,
         activations: &QuantizedRows,
         blocks: usize,
         out: &mut [f32],
     ) {
         match self {
-            Self::Scalar => column_scalar(weights, scales, activations, blocks, out),
+            Self::Scalar => column_scalar(column, activations, blocks, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2 and FMA.
-            Self::Avx2 => unsafe { avx2::column(weights, scales, activations, blocks, out) },
+            Self::Avx2 => unsafe { avx2::column(column, activations, blocks, out) },
         }
     }
 }
 
-fn column_scalar(
-    weights: &[i8],
-    scales: &[f32],
-    activations: &QuantizedRows,
-    blocks: usize,
-    out: &mut [f32],
-) {
+/// `out[row] = Σ_blocks dw · dx · (qw · qx)`, plus `Σ_blocks min · sum_x` for 4-bit weights.
+fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize, out: &mut [f32]) {
     let in_features = blocks * BLOCK;
     for (row, value) in out.iter_mut().enumerate() {
         let x = &activations.values[row * in_features..][..in_features];
         let x_scales = &activations.scales[row * blocks..][..blocks];
+        let x_sums = &activations.sums[row * blocks..][..blocks];
         let mut sum = 0f32;
         for block in 0..blocks {
-            let w = &weights[block * BLOCK..][..BLOCK];
             let a = &x[block * BLOCK..][..BLOCK];
-            let dot: i32 = w.iter().zip(a).map(|(&w, &a)| w as i32 * a as i32).sum();
-            sum += scales[block] * x_scales[block] * dot as f32;
+            match column {
+                Column::Q8 { values, scales } => {
+                    let w = &values[block * BLOCK..][..BLOCK];
+                    let dot: i32 = w.iter().zip(a).map(|(&w, &a)| w as i32 * a as i32).sum();
+                    sum += scales[block] * x_scales[block] * dot as f32;
+                }
+                Column::Q4 {
+                    nibbles,
+                    scales,
+                    mins,
+                } => {
+                    let bytes = &nibbles[block * BLOCK / 2..][..BLOCK / 2];
+                    let (low, high) = a.split_at(BLOCK / 2);
+                    let dot: i32 = bytes
+                        .iter()
+                        .zip(low.iter().zip(high))
+                        .map(|(&b, (&l, &h))| {
+                            (b & 0x0F) as i32 * l as i32 + (b >> 4) as i32 * h as i32
+                        })
+                        .sum();
+                    sum +=
+                        scales[block] * x_scales[block] * dot as f32 + mins[block] * x_sums[block];
+                }
+            }
         }
         *value = sum;
     }
@@ -205,7 +325,7 @@ fn column_scalar(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedRows, BLOCK};
+    use super::{Column, QuantizedRows, BLOCK};
 
     /// Rows processed together; their accumulators and one weight block fit in registers.
     const TILE: usize = 4;
@@ -214,8 +334,7 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn column(
-        weights: &[i8],
-        scales: &[f32],
+        column: Column<'_>,
         activations: &QuantizedRows,
         blocks: usize,
         out: &mut [f32],
@@ -226,22 +345,62 @@ mod avx2 {
             let count = (rows - start).min(TILE);
             // SAFETY: AVX2 and FMA are enabled for this function; slices are in bounds.
             unsafe {
-                match count {
-                    4 => tile::<4>(weights, scales, activations, blocks, start, out),
-                    3 => tile::<3>(weights, scales, activations, blocks, start, out),
-                    2 => tile::<2>(weights, scales, activations, blocks, start, out),
-                    _ => tile::<1>(weights, scales, activations, blocks, start, out),
+                match (column, count) {
+                    (Column::Q8 { values, scales }, 4) => {
+                        q8_tile::<4>(values, scales, activations, blocks, start, out)
+                    }
+                    (Column::Q8 { values, scales }, 3) => {
+                        q8_tile::<3>(values, scales, activations, blocks, start, out)
+                    }
+                    (Column::Q8 { values, scales }, 2) => {
+                        q8_tile::<2>(values, scales, activations, blocks, start, out)
+                    }
+                    (Column::Q8 { values, scales }, _) => {
+                        q8_tile::<1>(values, scales, activations, blocks, start, out)
+                    }
+                    (
+                        Column::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        4,
+                    ) => q4_tile::<4>(nibbles, scales, mins, activations, blocks, start, out),
+                    (
+                        Column::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        3,
+                    ) => q4_tile::<3>(nibbles, scales, mins, activations, blocks, start, out),
+                    (
+                        Column::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        2,
+                    ) => q4_tile::<2>(nibbles, scales, mins, activations, blocks, start, out),
+                    (
+                        Column::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        _,
+                    ) => q4_tile::<1>(nibbles, scales, mins, activations, blocks, start, out),
                 }
             }
             start += count;
         }
     }
 
-    /// `R` rows starting at `start`. Every row goes through the same instructions in the same
-    /// order whatever `R` is, which keeps rows bit-identical across batch sizes.
+    /// `R` Q8_0 rows starting at `start`. Every row goes through the same instructions in the
+    /// same order whatever `R` is, which keeps rows bit-identical across batch sizes.
     #[allow(clippy::needless_range_loop)] // the indices address three arrays in lockstep
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(
+    unsafe fn q8_tile<const R: usize>(
         weights: &[i8],
         scales: &[f32],
         activations: &QuantizedRows,
@@ -279,6 +438,56 @@ mod avx2 {
         }
     }
 
+    /// `R` rows of a 4-bit column starting at `start`, with the same batch-size independence
+    /// as [`q8_tile`]. The nibbles are unsigned, so they meet the signed activations in
+    /// `maddubs` directly; the offset term `min · scale_x · Σ qx` is added per block.
+    #[allow(clippy::needless_range_loop)] // the indices address four arrays in lockstep
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4_tile<const R: usize>(
+        nibbles: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        activations: &QuantizedRows,
+        blocks: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        let in_features = blocks * BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let low_mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offsets = [0f32; R];
+        for block in 0..blocks {
+            // SAFETY: `block * 16 + 16 <= in_features / 2` for the weights, and
+            // `block * BLOCK + 32 <= in_features` for every row.
+            unsafe {
+                let packed =
+                    _mm_loadu_si128(nibbles.as_ptr().add(block * BLOCK / 2) as *const __m128i);
+                // Elements 0..16 are the low nibbles, 16..32 the high ones.
+                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                let w = _mm256_and_si256(both, low_mask);
+                for r in 0..R {
+                    let row = start + r;
+                    let x_ptr = activations
+                        .values
+                        .as_ptr()
+                        .add(row * in_features + block * BLOCK);
+                    let x = _mm256_loadu_si256(x_ptr as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(w, x);
+                    let sums = _mm256_madd_epi16(pairs, ones);
+                    let index = row * blocks + block;
+                    let scale = scales[block] * activations.scales[index];
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
+                    offsets[r] += mins[block] * activations.sums[index];
+                }
+            }
+        }
+        for (r, lanes) in acc.iter().enumerate() {
+            out[start + r] = horizontal_sum(*lanes) + offsets[r];
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     fn horizontal_sum(v: __m256) -> f32 {
         let low = _mm256_castps256_ps128(v);
@@ -295,6 +504,9 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// The layouts with a kernel of their own.
+    const TYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -302,31 +514,48 @@ mod tests {
         Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
     }
 
-    /// Against the dequantised weights in f32: the only error is the int8 rounding of the
-    /// activations, at most half a step (max|x|/254) per value, so the bound below is
-    /// Σ|w|·max|x|/254 per output with a 2x margin.
+    fn host(x: &Tensor) -> Vec<f32> {
+        x.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn dequantizes_like_candle() {
+        for dtype in TYPES {
+            let q = QTensor::quantize(&random(5, 96, 2), dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap();
+            let candle = host(&q.dequantize(&Device::Cpu).unwrap());
+            assert_eq!(matrix.dequantize(), candle, "{dtype:?}");
+        }
+    }
+
+    /// Against the dequantised weights in f32. The only error is the int8 rounding of the
+    /// activations, at most half a step (max|x|/254) per value, so each output is within
+    /// Σ|w|·max|x|/254; the bound below doubles that. For 4-bit weights the offset term uses the
+    /// rounded block sums, whose error is inside the same bound because it is the same rounding
+    /// seen through `w = scale·q + min`.
     #[test]
     fn matches_dequantized_reference() {
-        for (out_features, in_features) in [(64, 32), (96, 576), (200, 1536), (7, 64)] {
-            let weight = random(out_features, in_features, 1);
-            let q = QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap();
-            let matrix = Q8Matrix::from_qtensor(&q).unwrap();
-            let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
-            for rows in [1, 2, 3, 4, 5, 9, 16] {
-                let x = random(rows, in_features, 7 + rows as u64);
-                let x_host: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let out = matrix.matmul(&x_host, rows);
-                for row in 0..rows {
-                    let xr = &x_host[row * in_features..][..in_features];
-                    for col in 0..out_features {
-                        let exact: f32 = dense[col].iter().zip(xr).map(|(w, x)| w * x).sum();
-                        let bound: f32 =
-                            dense[col].iter().map(|w| w.abs()).sum::<f32>() * 2.0 / 254.0;
-                        let got = out[row * out_features + col];
-                        assert!(
-                            (got - exact).abs() <= bound,
-                            "{out_features}x{in_features}, rows {rows}: [{row},{col}] {got} vs {exact}"
-                        );
+        for dtype in TYPES {
+            for (out_features, in_features) in [(64, 32), (96, 576), (200, 1536), (7, 64)] {
+                let weight = random(out_features, in_features, 1);
+                let q = QTensor::quantize(&weight, dtype).unwrap();
+                let matrix = QuantMatrix::from_qtensor(&q).unwrap();
+                let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+                for rows in [1, 2, 3, 4, 5, 9, 16] {
+                    let x_host = host(&random(rows, in_features, 7 + rows as u64));
+                    let out = matrix.matmul(&x_host, rows);
+                    for row in 0..rows {
+                        let xr = &x_host[row * in_features..][..in_features];
+                        for col in 0..out_features {
+                            let exact: f32 = dense[col].iter().zip(xr).map(|(w, x)| w * x).sum();
+                            let bound: f32 =
+                                dense[col].iter().map(|w| w.abs()).sum::<f32>() * 2.0 / 254.0;
+                            let got = out[row * out_features + col];
+                            assert!(
+                                (got - exact).abs() <= bound,
+                                "{dtype:?} {out_features}x{in_features}, rows {rows}: [{row},{col}] {got} vs {exact}"
+                            );
+                        }
                     }
                 }
             }
@@ -335,46 +564,60 @@ mod tests {
 
     #[test]
     fn rows_are_bit_identical_across_batch_sizes() {
-        let weight = random(130, 576, 3);
-        let q = QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap();
-        let matrix = Q8Matrix::from_qtensor(&q).unwrap();
-        let x = random(16, 576, 4);
-        let x_host: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let full = matrix.matmul(&x_host, 16);
-        for rows in [1, 3, 7] {
-            let part = matrix.matmul(&x_host[..rows * 576], rows);
-            assert_eq!(part[..], full[..rows * 130], "rows {rows}");
+        for dtype in TYPES {
+            let q = QTensor::quantize(&random(130, 576, 3), dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap();
+            let x_host = host(&random(16, 576, 4));
+            let full = matrix.matmul(&x_host, 16);
+            for rows in [1, 3, 7] {
+                let part = matrix.matmul(&x_host[..rows * 576], rows);
+                assert_eq!(part[..], full[..rows * 130], "{dtype:?} rows {rows}");
+            }
+            // A row alone at another position of the batch.
+            let alone = matrix.matmul(&x_host[5 * 576..6 * 576], 1);
+            assert_eq!(alone[..], full[5 * 130..6 * 130], "{dtype:?}");
         }
-        // A row alone at another position of the batch.
-        let alone = matrix.matmul(&x_host[5 * 576..6 * 576], 1);
-        assert_eq!(alone[..], full[5 * 130..6 * 130]);
     }
 
     #[test]
     fn scalar_and_simd_agree_closely() {
-        let weight = random(40, 256, 5);
-        let q = QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap();
-        let matrix = Q8Matrix::from_qtensor(&q).unwrap();
-        let x = random(3, 256, 6);
-        let x_host: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let activations = quantize_rows(&x_host, 3, 256);
-        for col in 0..40 {
-            let weights = &matrix.values[col * 256..][..256];
-            let scales = &matrix.scales[col * 8..][..8];
-            let mut scalar = vec![0f32; 3];
-            column_scalar(weights, scales, &activations, 8, &mut scalar);
-            let mut detected = vec![0f32; 3];
-            Kernel::detect().column(weights, scales, &activations, 8, &mut detected);
-            for (s, d) in scalar.iter().zip(&detected) {
-                assert!((s - d).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {d}");
+        for dtype in TYPES {
+            let q = QTensor::quantize(&random(40, 256, 5), dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap();
+            let x_host = host(&random(3, 256, 6));
+            let activations = quantize_rows(&x_host, 3, 256);
+            for col in 0..40 {
+                let column = matrix.column(col);
+                let mut scalar = vec![0f32; 3];
+                column_scalar(column, &activations, 8, &mut scalar);
+                let mut detected = vec![0f32; 3];
+                Kernel::detect().column(column, &activations, 8, &mut detected);
+                for (s, d) in scalar.iter().zip(&detected) {
+                    assert!(
+                        (s - d).abs() <= 1e-4 * s.abs().max(1.0),
+                        "{dtype:?}: {s} vs {d}"
+                    );
+                }
             }
         }
     }
 
     #[test]
+    fn four_bit_weights_take_less_memory() {
+        let weight = random(64, 256, 9);
+        let bytes = |dtype| {
+            let q = QTensor::quantize(&weight, dtype).unwrap();
+            QuantMatrix::from_qtensor(&q).unwrap().weight_bytes()
+        };
+        assert_eq!(bytes(GgmlDType::Q8_0), 64 * 256 + 64 * 8 * 4);
+        assert_eq!(bytes(GgmlDType::Q4_1), 64 * 128 + 64 * 8 * 8);
+    }
+
+    #[test]
     fn other_types_are_not_converted() {
-        let weight = random(32, 64, 8);
-        let q = QTensor::quantize(&weight, GgmlDType::Q4_0).unwrap();
-        assert!(Q8Matrix::from_qtensor(&q).is_none());
+        let q = QTensor::quantize(&random(32, 64, 8), GgmlDType::Q5_1).unwrap();
+        assert!(QuantMatrix::from_qtensor(&q).is_none());
+        let q = QTensor::quantize(&random(2, 256, 8), GgmlDType::Q4K).unwrap();
+        assert!(QuantMatrix::from_qtensor(&q).is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::qgemm::Q8Matrix;
+use super::qgemm::QuantMatrix;
 use super::ModelError;
 
 /// The in-memory format of the weights.
@@ -20,15 +20,19 @@ pub enum WeightFormat {
     Dense,
 }
 
-/// The treatment of quantised types that candle has no fast CPU kernel for.
+/// The treatment of quantised types that have no batched kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantPolicy {
-    /// Keep every tensor in its stored type.
+    /// Keep every tensor in its stored type. Q8_0, Q4_0 and Q4_1 use the batched CPU kernels of
+    /// [`super::qgemm`]; other types use candle's, which re-read the weights for every row.
     AsStored,
-    /// Requantise Q4_1, Q5_0 and Q5_1 to Q8_0 at load. In candle 0.11 those types use a scalar
-    /// dot product, and Q8_0 has AVX2 and VNNI kernels. On SmolLM2-135M Q4_1 this gave 2.8x
-    /// decode speed for 1.5x the weight memory (2 x86 cores, AVX512-VNNI).
+    /// Also requantise Q5_0, Q5_1 and the K-quants (Q2_K to Q6_K) to Q8_0 at load, so that
+    /// every quantised matrix runs on the batched kernels. This trades weight memory (8.5 bits
+    /// per weight) for batched speed, and adds a small rounding step.
     FastTypes,
+    /// Requantise every block type other than Q8_0 to Q8_0, Q4_0 and Q4_1 included. This
+    /// compares the 4-bit kernels with the 8-bit one on the same model.
+    AllQ8_0,
 }
 
 /// Options for loading a model.
@@ -51,8 +55,8 @@ impl Default for LoadOptions {
 enum LinearWeight {
     /// candle's kernels: dense tensors and quantised types without a kernel of ours.
     Candle(QMatMul),
-    /// Q8_0 on the CPU, through the batched kernel in [`super::qgemm`].
-    Q8(Arc<Q8Matrix>),
+    /// Q8_0, Q4_0 or Q4_1 on the CPU, through the batched kernel in [`super::qgemm`].
+    Batched(Arc<QuantMatrix>),
 }
 
 /// A linear layer `y = x·Wᵀ + b` over a quantised or dense weight of shape `(out, in)`.
@@ -76,13 +80,13 @@ impl Linear {
         })
     }
 
-    /// Wraps a quantised `(out, in)` weight. Q8_0 weights on the CPU use the batched kernel
-    /// of [`super::qgemm`]; other types use candle's.
+    /// Wraps a quantised `(out, in)` weight. Q8_0, Q4_0 and Q4_1 weights on the CPU use the
+    /// batched kernel of [`super::qgemm`]; other types use candle's.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self, ModelError> {
         let (out_features, in_features) = weight.shape().dims2()?;
         let on_cpu = matches!(weight.device(), Device::Cpu);
         let kernel = if on_cpu {
-            Q8Matrix::from_qtensor(&weight).map(|m| LinearWeight::Q8(Arc::new(m)))
+            QuantMatrix::from_qtensor(&weight).map(|m| LinearWeight::Batched(Arc::new(m)))
         } else {
             None
         };
@@ -102,7 +106,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let y = match &self.weight {
             LinearWeight::Candle(weight) => weight.forward(x)?,
-            LinearWeight::Q8(matrix) => {
+            LinearWeight::Batched(matrix) => {
                 let (rows, _) = x.dims2()?;
                 let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let out = matrix.matmul(&host, rows);
@@ -131,7 +135,7 @@ impl Linear {
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
             LinearWeight::Candle(QMatMul::Tensor(w)) => w.clone(),
             LinearWeight::Candle(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32)?,
-            LinearWeight::Q8(matrix) => Tensor::from_vec(
+            LinearWeight::Batched(matrix) => Tensor::from_vec(
                 matrix.dequantize(),
                 (self.out_features, self.in_features),
                 &Device::Cpu,
@@ -384,13 +388,31 @@ impl WeightSource {
 }
 
 fn apply_policy(q: QTensor, policy: QuantPolicy, device: &Device) -> Result<QTensor, ModelError> {
-    let slow = matches!(
-        q.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-    );
-    if policy == QuantPolicy::FastTypes && slow {
+    let requantise = match policy {
+        QuantPolicy::AsStored => false,
+        QuantPolicy::FastTypes => needs_requantising(q.dtype()),
+        QuantPolicy::AllQ8_0 => !matches!(
+            q.dtype(),
+            GgmlDType::Q8_0 | GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ),
+    };
+    if requantise {
         let dense = q.dequantize(device)?;
         return Ok(QTensor::quantize(&dense, GgmlDType::Q8_0)?);
     }
     Ok(q)
+}
+
+/// Returns whether [`QuantPolicy::FastTypes`] requantises `dtype` to Q8_0.
+fn needs_requantising(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+    )
 }
