@@ -10,8 +10,13 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor, Var};
 use llmdoctor::model::lora::{AdapterConfig, Projection};
 use llmdoctor::model::tiny::{TinySpec, TinyWeights};
+use llmdoctor::model::{KvCache, LogitsSelection, Row};
 use llmdoctor::model::{Llama, LoadOptions, LoraAdapter, WeightFormat};
-use llmdoctor::train::tfpo::{pair_loss, TrainingPair, TrainingResponse};
+use llmdoctor::train::loss::{divergence_point, pair_tfpo_loss, Trajectory};
+use llmdoctor::train::rewards::cumulative_log_q;
+use llmdoctor::train::tfpo::{
+    pair_loss, reference_log_probs, ReferenceLogProbs, TrainingPair, TrainingResponse,
+};
 use llmdoctor::train::{LossParams, ValueHead, ValueHeadDims};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,8 +51,22 @@ fn pair() -> TrainingPair {
     }
 }
 
-fn loss_value(model: &Llama, adapter: &LoraAdapter, head: &ValueHead, pair: &TrainingPair) -> f64 {
-    let loss = pair_loss(model, adapter, head, pair, &LossParams::default()).unwrap();
+fn loss_value(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    head: &ValueHead,
+    pair: &TrainingPair,
+    reference: &ReferenceLogProbs,
+) -> f64 {
+    let loss = pair_loss(
+        model,
+        adapter,
+        head,
+        pair,
+        Some(reference),
+        &LossParams::default(),
+    )
+    .unwrap();
     f64::from(loss.total.to_scalar::<f32>().unwrap())
 }
 
@@ -100,8 +119,18 @@ fn lora_and_value_head_gradients_match_finite_differences() {
     )
     .unwrap();
     let pair = pair();
+    // The default policy term, relative to the base; the reference is a constant.
+    let reference = reference_log_probs(&model, &pair).unwrap();
 
-    let loss = pair_loss(&model, &adapter, &head, &pair, &LossParams::default()).unwrap();
+    let loss = pair_loss(
+        &model,
+        &adapter,
+        &head,
+        &pair,
+        Some(&reference),
+        &LossParams::default(),
+    )
+    .unwrap();
     let grads = loss.total.backward().unwrap();
 
     let missing: Vec<usize> = (0..vars.len())
@@ -128,10 +157,10 @@ fn lora_and_value_head_gradients_match_finite_differences() {
         for &entry in order.iter().take(3) {
             let original = perturbed(var, entry, 0.0);
             var.set(&perturbed(var, entry, STEP)).unwrap();
-            let plus = loss_value(&model, &adapter, &head, &pair);
+            let plus = loss_value(&model, &adapter, &head, &pair, &reference);
             var.set(&original).unwrap();
             var.set(&perturbed(var, entry, -STEP)).unwrap();
-            let minus = loss_value(&model, &adapter, &head, &pair);
+            let minus = loss_value(&model, &adapter, &head, &pair, &reference);
             var.set(&original).unwrap();
 
             let numeric = (plus - minus) / (2.0 * f64::from(STEP));
@@ -144,4 +173,92 @@ fn lora_and_value_head_gradients_match_finite_differences() {
             );
         }
     }
+}
+
+/// An untrained doctor (B = 0) equals its base, so relative to the base its policy term is zero
+/// at every token and the loss depends on the rewards and the value head alone.
+#[test]
+fn relative_policy_term_of_an_untrained_doctor_is_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_dense_model(dir.path());
+    let config = AdapterConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        use_rslora: false,
+        target_modules: Vec::new(),
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    };
+    let (adapter, mut vars) =
+        LoraAdapter::init_trainable(model.config(), config, &Projection::ALL, &Device::Cpu)
+            .unwrap();
+    let dims = ValueHeadDims {
+        hidden: model.config().hidden_size,
+        inner: 16,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let head = ValueHead::new(
+        dims,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &mut vars,
+        &mut rng,
+    )
+    .unwrap();
+    let pair = pair();
+    let params = LossParams::default();
+    let reference = reference_log_probs(&model, &pair).unwrap();
+    assert_eq!(reference.chosen.len(), pair.chosen.token_ids.len());
+    assert_eq!(reference.rejected.len(), pair.rejected.token_ids.len());
+    assert!(reference.chosen.iter().all(|&v| v < 0.0 && v.is_finite()));
+
+    let relative = pair_loss(&model, &adapter, &head, &pair, Some(&reference), &params).unwrap();
+    let absolute = pair_loss(&model, &adapter, &head, &pair, None, &params).unwrap();
+
+    // The expected loss: log π̂ = 0 everywhere, log V from the head on the base's states.
+    let mut terms = Vec::new();
+    for response in [&pair.chosen, &pair.rejected] {
+        let tokens = [pair.prompt_ids.as_slice(), &response.token_ids].concat();
+        let mut cache = KvCache::new();
+        let mut rows = vec![Row {
+            tokens: &tokens,
+            cache: &mut cache,
+            adapter: None,
+            logits: LogitsSelection::All,
+        }];
+        let hidden = model.forward_hidden(&mut rows).unwrap().remove(0);
+        let len = response.token_ids.len();
+        let states = hidden
+            .narrow(0, pair.prompt_ids.len() - 1, len + 1)
+            .unwrap();
+        let log_v = head.forward(&states).unwrap();
+        let log_q = Tensor::new(cumulative_log_q(&response.rewards), &Device::Cpu).unwrap();
+        let log_pi = Tensor::zeros(len, candle_core::DType::F32, &Device::Cpu).unwrap();
+        terms.push((log_q, log_v, log_pi));
+    }
+    let [chosen, rejected] = [&terms[0], &terms[1]].map(|(log_q, log_v, log_pi)| Trajectory {
+        log_q,
+        log_v,
+        log_pi,
+    });
+    let expected = pair_tfpo_loss(
+        chosen,
+        rejected,
+        divergence_point(&pair.chosen.token_ids, &pair.rejected.token_ids),
+        &params,
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    let found = relative.total.to_scalar::<f32>().unwrap();
+    assert!(
+        (found - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+        "relative loss {found}, expected {expected} from rewards and log V alone"
+    );
+    // The absolute term carries the base's surprisal, so it is a different, larger loss.
+    let absolute = absolute.total.to_scalar::<f32>().unwrap();
+    assert!(
+        absolute > found + 1.0,
+        "absolute loss {absolute} should exceed the relative loss {found}"
+    );
 }

@@ -12,7 +12,7 @@ use llmdoctor::model::{LoadOptions, WeightFormat};
 use llmdoctor::train::checkpoint::StepLog;
 use llmdoctor::train::export::{write_doctor, DoctorDescription};
 use llmdoctor::train::reward_file::read_records;
-use llmdoctor::train::tfpo::TrainingPair;
+use llmdoctor::train::tfpo::{PolicyTerm, TrainingPair};
 use llmdoctor::train::trainer::{train, TrainConfig};
 use llmdoctor::train::LossParams;
 
@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// θ: token scores at or below it give a zero reward.
     #[arg(long, default_value_t = 0.1)]
     theta: f32,
+    /// SubTB's policy term: the doctor's log-probability relative to its frozen base
+    /// (`relative-to-base`), or the doctor's log-probability alone (`absolute`).
+    #[arg(long, value_enum, default_value_t = PolicyTerm::RelativeToBase)]
+    policy_term: PolicyTerm,
     /// Width of the value head's inner layer.
     #[arg(long, default_value_t = 128)]
     value_inner: usize,
@@ -192,6 +196,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         loss: LossParams::default(),
+        policy_term: args.policy_term,
     };
 
     let bar = progress_bar(steps);
@@ -289,6 +294,7 @@ fn provenance(
     put("gamma", config.loss.gamma.into());
     put("lambda", config.loss.lambda.into());
     put("value_inner", (config.value_inner as i64).into());
+    put("policy_term", config.policy_term.as_str().into());
     put(
         "max_grad_norm",
         llmdoctor::train::trainer::MAX_GRAD_NORM.into(),

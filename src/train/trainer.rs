@@ -21,7 +21,7 @@ use crate::model::{Llama, LoraAdapter};
 use super::checkpoint::{self, CheckpointState, StepLog};
 use super::loss::LossParams;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
-use super::tfpo::{pair_loss, TrainingPair};
+use super::tfpo::{pair_loss, reference_log_probs, PolicyTerm, ReferenceLogProbs, TrainingPair};
 use super::value_head::{ValueHead, ValueHeadDims};
 use super::TrainError;
 
@@ -51,6 +51,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `γ` and `λ` of the loss.
     pub loss: LossParams,
+    /// What SubTB's policy term measures.
+    pub policy_term: PolicyTerm,
 }
 
 impl TrainConfig {
@@ -156,9 +158,21 @@ pub fn train(
 
     let started = Instant::now();
     let wall_before = state.wall_seconds;
+    // The base is frozen, so each pair's reference is computed on its first visit and kept.
+    let mut references: Vec<Option<ReferenceLogProbs>> = vec![None; pairs.len()];
     for step in state.step..config.steps {
-        let pair = &pairs[pair_index(step, pairs.len(), config.seed)];
-        let loss = pair_loss(model, &adapter, &head, pair, &config.loss)?;
+        let index = pair_index(step, pairs.len(), config.seed);
+        let pair = &pairs[index];
+        let reference = match config.policy_term {
+            PolicyTerm::Absolute => None,
+            PolicyTerm::RelativeToBase => {
+                if references[index].is_none() {
+                    references[index] = Some(reference_log_probs(model, pair)?);
+                }
+                references[index].as_ref()
+            }
+        };
+        let loss = pair_loss(model, &adapter, &head, pair, reference, &config.loss)?;
         let loss_value = loss.total.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
             return Err(TrainError::NonFiniteLoss {
