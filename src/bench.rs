@@ -57,6 +57,10 @@ pub struct BenchResult {
     pub ttft_p50_ms: f64,
     /// Decode throughput relative to the first mode at the same concurrency.
     pub ratio_to_baseline: f64,
+    /// Peak resident memory of the process during this configuration's runs, in MiB (Linux
+    /// only). Its growth from one mode to the next at the same concurrency is what steering
+    /// adds: adapters, the doctor rows' KV cache and their logits.
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// One run's raw measurements.
@@ -72,6 +76,7 @@ pub fn run(engine: &EngineHandle, plan: &BenchPlan) -> Result<Vec<BenchResult>, 
     for &concurrency in &plan.concurrency {
         for mode in &plan.modes {
             let mut runs = Vec::with_capacity(plan.repeats);
+            reset_peak_resident();
             for _ in 0..plan.repeats {
                 runs.push(run_once(engine, plan, mode, concurrency)?);
             }
@@ -96,10 +101,29 @@ pub fn run(engine: &EngineHandle, plan: &BenchPlan) -> Result<Vec<BenchResult>, 
                 itl_p95_ms: percentile(&mut itl, 0.95),
                 ttft_p50_ms: percentile(&mut ttft, 0.5),
                 ratio_to_baseline: decode / baseline,
+                peak_rss_mib: resident_mib("VmHWM"),
             });
         }
     }
     Ok(results)
+}
+
+/// Reads a memory field of `/proc/self/status` (`VmRSS`, `VmHWM`) in MiB; `None` where the file
+/// or the field is absent.
+pub fn resident_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Resets the process's peak resident memory (`VmHWM`) to its current value, where Linux allows
+/// it; elsewhere the peak keeps counting from the start.
+pub fn reset_peak_resident() {
+    // Writing 5 to clear_refs resets the peak resident set size (Linux 4.0 and later).
+    if let Err(err) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::debug!(%err, "cannot reset the peak resident memory");
+    }
 }
 
 fn run_once(

@@ -51,11 +51,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "every `--concurrency` level must be at least 1"
     );
     let path = model_path(args.model.clone())?;
+    let before_load = bench::resident_mib("VmRSS");
     let patient = load_model(&path, &args.quant.load_options(), &Device::Cpu)
         .with_context(|| format!("failed to load the model `{}`", path.display()))?;
+    let after_patient = bench::resident_mib("VmRSS");
     let doctors: Vec<Arc<Doctor>> = (0..2)
         .map(|i| random_doctor(&patient, &format!("bench-{i}"), args.doctor_rank, i as u64))
         .collect::<anyhow::Result<_>>()?;
+    let after_doctors = bench::resident_mib("VmRSS");
+    let memory = serde_json::json!({
+        "mode": "memory",
+        "rss_before_load_mib": before_load,
+        "rss_after_patient_mib": after_patient,
+        "rss_after_two_doctors_mib": after_doctors,
+        "adapter_mib_each": doctors[0].adapter.size_bytes() as f64 / (1024.0 * 1024.0),
+    });
     let prompts: Vec<Vec<u32>> = (0..16)
         .map(|i| {
             let text = format!(
@@ -97,6 +107,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"mode": "prefill", "prompt_tokens": long_prompt.len(), "runs": args.repeats, "prefill_tokens_per_second": prefill})
         );
+        println!("{memory}");
         for result in &results {
             println!("{}", serde_json::to_string(result)?);
         }
@@ -108,20 +119,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         long_prompt.len(),
         args.repeats
     );
+    let mib = |v: &serde_json::Value| v.as_f64().map_or("n/a".into(), |v| format!("{v:.1} MiB"));
     println!(
-        "{:<10} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9}",
-        "mode", "conc", "decode tok/s", "ITL p50 ms", "ITL p95 ms", "TTFT ms", "ratio"
+        "memory: resident {} before loading, {} with the patient, {} with two doctors ({} of adapter each)",
+        mib(&memory["rss_before_load_mib"]),
+        mib(&memory["rss_after_patient_mib"]),
+        mib(&memory["rss_after_two_doctors_mib"]),
+        mib(&memory["adapter_mib_each"]),
+    );
+    println!(
+        "{:<10} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "mode", "conc", "decode tok/s", "ITL p50 ms", "ITL p95 ms", "TTFT ms", "ratio", "peak MiB"
     );
     for r in &results {
         println!(
-            "{:<10} {:>4} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2}",
+            "{:<10} {:>4} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9}",
             r.mode,
             r.concurrency,
             r.decode_tokens_per_second,
             r.itl_p50_ms,
             r.itl_p95_ms,
             r.ttft_p50_ms,
-            r.ratio_to_baseline
+            r.ratio_to_baseline,
+            r.peak_rss_mib.map_or("n/a".into(), |v| format!("{v:.0}"))
         );
     }
     Ok(())

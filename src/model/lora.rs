@@ -210,6 +210,19 @@ impl LoraAdapter {
         &self.config
     }
 
+    /// Returns the bytes the adapter holds: its tensors plus their host copies, if any.
+    pub fn size_bytes(&self) -> usize {
+        let bytes = |pair: &LoraPair| {
+            let tensors =
+                (pair.a.elem_count() + pair.b.elem_count()) * pair.a.dtype().size_in_bytes();
+            let host = pair.host.as_ref().map_or(0, |h| {
+                (h.a.len() + h.b_t.len()) * std::mem::size_of::<f32>()
+            });
+            tensors + host
+        };
+        self.layers.iter().flatten().flatten().map(bytes).sum()
+    }
+
     /// Returns the pair for `projection` in `layer`, if the adapter targets it.
     pub fn pair(&self, layer: usize, projection: Projection) -> Option<&LoraPair> {
         self.layers.get(layer)?[projection.index()].as_ref()
