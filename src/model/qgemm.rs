@@ -326,6 +326,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Column, QuantizedRows, BLOCK};
+    use crate::model::attention::dot;
 
     /// Rows processed together; their accumulators and one weight block fit in registers.
     const TILE: usize = 4;
@@ -440,7 +441,7 @@ mod avx2 {
 
     /// `R` rows of a 4-bit column starting at `start`, with the same batch-size independence
     /// as [`q8_tile`]. The nibbles are unsigned, so they meet the signed activations in
-    /// `maddubs` directly; the offset term `min · scale_x · Σ qx` is added per block.
+    /// `maddubs` directly; the offset term `Σ_blocks min · scale_x · Σ qx` is added at the end.
     #[allow(clippy::needless_range_loop)] // the indices address four arrays in lockstep
     #[target_feature(enable = "avx2,fma")]
     unsafe fn q4_tile<const R: usize>(
@@ -456,7 +457,6 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let low_mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut offsets = [0f32; R];
         for block in 0..blocks {
             // SAFETY: `block * 16 + 16 <= in_features / 2` for the weights, and
             // `block * BLOCK + 32 <= in_features` for every row.
@@ -479,12 +479,14 @@ mod avx2 {
                     let scale = scales[block] * activations.scales[index];
                     acc[r] =
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
-                    offsets[r] += mins[block] * activations.sums[index];
                 }
             }
         }
         for (r, lanes) in acc.iter().enumerate() {
-            out[start + r] = horizontal_sum(*lanes) + offsets[r];
+            // The offset term is one dot product per row over the blocks, kept out of the hot
+            // loop, where a scalar accumulator per row made prefill 1.6x slower than Q8_0.
+            let sums = &activations.sums[(start + r) * blocks..][..blocks];
+            out[start + r] = horizontal_sum(*lanes) + dot(mins, sums);
         }
     }
 
