@@ -7,8 +7,10 @@
 //! just as far from llama.cpp: mean |Δ log p| 0.038, max 0.37 over the 133 reference steps. A
 //! bound of 0.1 on every single step therefore fails for any implementation that is not
 //! bit-exact with llama.cpp, so the test bounds the mean, the share of steps within 0.1, and the
-//! worst step. The file's own Q4_1 weights must give llama.cpp's first-step top 5 exactly; the
-//! other formats round differently and may swap the fifth token of a near tie.
+//! worst step. On the first step, each of llama.cpp's top 5 tokens must get a log-probability
+//! within 0.2 of llama.cpp's (0.35 for the requantised and dense formats), and at least 4 of them must be in our top 5: in one reference case
+//! the fifth and sixth tokens are a near tie (llama.cpp's fifth is at −4.885), which a change in
+//! summation order can swap.
 
 mod common;
 
@@ -27,6 +29,9 @@ struct Bounds {
     argmax_margin: f64,
     /// How many of llama.cpp's first-step top 5 must be in ours.
     top5_shared: usize,
+    /// Each of llama.cpp's first-step top 5 must get a log-probability within this of
+    /// llama.cpp's, whether or not it is in our top 5.
+    top5_tolerance: f32,
 }
 
 struct Agreement {
@@ -85,9 +90,17 @@ fn check_against_llamacpp(format: WeightFormat, bounds: &Bounds) -> Option<Agree
         }
 
         let position = prompt.len() - 1;
-        let mut expected_top5: Vec<u64> = case["first_step_top5_logprobs"]
-            .as_array()
-            .unwrap()
+        let expected_pairs = case["first_step_top5_logprobs"].as_array().unwrap();
+        for pair in expected_pairs {
+            let token = pair[0].as_u64().unwrap() as usize;
+            let expected = pair[1].as_f64().unwrap() as f32;
+            let found = logprobs[position][token];
+            assert!(
+                (found - expected).abs() <= bounds.top5_tolerance,
+                "case {case_index}: first-step log p of token {token} is {found}, llama.cpp {expected}"
+            );
+        }
+        let mut expected_top5: Vec<u64> = expected_pairs
             .iter()
             .map(|pair| pair[0].as_u64().unwrap())
             .collect();
@@ -142,7 +155,8 @@ fn stored_q4_1_agrees_with_llamacpp() {
             max_worst: 0.6,
             min_share_within_0_1: 0.85,
             argmax_margin: 0.3,
-            top5_shared: 5,
+            top5_shared: 4,
+            top5_tolerance: 0.2,
         },
     );
 }
@@ -157,7 +171,8 @@ fn default_fast_policy_agrees_with_llamacpp() {
             max_worst: 0.6,
             min_share_within_0_1: 0.85,
             argmax_margin: 0.3,
-            top5_shared: 5,
+            top5_shared: 4,
+            top5_tolerance: 0.2,
         },
     );
 }
@@ -172,6 +187,7 @@ fn requantized_q8_0_agrees_with_llamacpp() {
             min_share_within_0_1: 0.8,
             argmax_margin: 0.5,
             top5_shared: 4,
+            top5_tolerance: 0.35,
         },
     );
 }
@@ -186,6 +202,7 @@ fn dense_f32_agrees_with_llamacpp() {
             min_share_within_0_1: 0.85,
             argmax_margin: 0.3,
             top5_shared: 4,
+            top5_tolerance: 0.35,
         },
     );
 }
