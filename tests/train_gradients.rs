@@ -119,7 +119,8 @@ fn lora_and_value_head_gradients_match_finite_differences() {
     )
     .unwrap();
     let pair = pair();
-    // The default policy term, relative to the base; the reference is a constant.
+    // The policy term relative to the base; the reference is a constant, so the gradient is
+    // the absolute form's, and this also checks that path.
     let reference = reference_log_probs(&model, &pair).unwrap();
 
     let loss = pair_loss(

@@ -67,9 +67,9 @@ pub struct TrainArgs {
     /// θ: token scores at or below it give a zero reward.
     #[arg(long, default_value_t = 0.1)]
     theta: f32,
-    /// SubTB's policy term: the doctor's log-probability relative to its frozen base
-    /// (`relative-to-base`), or the doctor's log-probability alone (`absolute`).
-    #[arg(long, value_enum, default_value_t = PolicyTerm::RelativeToBase)]
+    /// SubTB's policy term: the doctor's log-probability (`absolute`), or its log-probability
+    /// relative to its frozen base (`relative-to-base`).
+    #[arg(long, value_enum, default_value_t = PolicyTerm::Absolute)]
     policy_term: PolicyTerm,
     /// Width of the value head's inner layer.
     #[arg(long, default_value_t = 128)]
