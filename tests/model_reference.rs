@@ -8,9 +8,9 @@
 //! bound of 0.1 on every single step therefore fails for any implementation that is not
 //! bit-exact with llama.cpp, so the test bounds the mean, the share of steps within 0.1, and the
 //! worst step. On the first step, each of llama.cpp's top 5 tokens must get a log-probability
-//! within 0.2 of llama.cpp's (0.35 for the requantised and dense formats), and at least 4 of them must be in our top 5: in one reference case
-//! the fifth and sixth tokens are a near tie (llama.cpp's fifth is at −4.885), which a change in
-//! summation order can swap.
+//! within 0.2 of llama.cpp's (0.35 for the requantised and dense formats). At least 4 of them
+//! must be in our top 5. In one reference case the fifth and sixth tokens are a near tie
+//! (llama.cpp's fifth is at −4.885), which a change in summation order can swap.
 
 mod common;
 

@@ -51,7 +51,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `γ` and `λ` of the loss.
     pub loss: LossParams,
-    /// What SubTB's policy term measures.
+    /// The quantity SubTB's policy term stands for.
     pub policy_term: PolicyTerm,
 }
 
