@@ -363,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn quant_names_parse() {
+        for (text, quant) in [
+            ("fast", Quant::Fast),
+            ("as-stored", Quant::AsStored),
+            ("q8-0", Quant::Q8_0),
+        ] {
+            let raw = toml::from_str::<RawConfig>(&format!("quant = \"{text}\"")).unwrap();
+            assert_eq!(raw.quant, Some(quant), "{text}");
+        }
+        let err = toml::from_str::<RawConfig>("quant = \"q4\"").unwrap_err();
+        assert!(err.to_string().contains("q8-0"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_in_file_is_rejected() {
         let err = toml::from_str::<RawConfig>("prot = 1").unwrap_err();
         assert!(err.to_string().contains("prot"), "{err}");
