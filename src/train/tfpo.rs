@@ -6,15 +6,16 @@
 //! hidden state at each of them gives `log V(s_t)`, and the logits at `s_0..s_{L−1}` give
 //! `log π(y_{t+1} | s_t)`.
 //!
-//! SubTB's policy term `log π̂` is, by default, the doctor's log-probability, as in the design.
+//! SubTB's policy term `log π̂` is, by default, the doctor's log-probability.
 //! [`PolicyTerm::RelativeToBase`] measures it relative to the frozen base instead
-//! (`log π_doctor − log π_base`). With the raw log-probability the balance requires `log π(y_t) = r_t + Δ log V`, that is probability one for every token with
-//! a zero reward. Every response then pushes the doctor toward its own tokens, chosen and
-//! rejected alike, by about the patient's per-token surprisal (2 to 3 nats). That drift hides
-//! the rewards, which are below one nat. Relative to the base, an untrained doctor balances
-//! already except for the rewards, and training moves each token's log-ratio toward `r_t`, which
-//! is the implicit reward that `llmdoctor eval` measures. The tilt is then bounded by the
-//! rewards (at most one nat per token), so such doctors steer gently.
+//! (`log π_doctor − log π_base`). With the raw log-probability the balance requires
+//! `log π(y_t) = r_t + Δ log V`, that is probability one for every token with a zero reward.
+//! Every response then pushes the doctor toward its own tokens, chosen and rejected alike, by
+//! about the patient's per-token surprisal (2 to 3 nats). That drift hides the rewards, which
+//! are below one nat. Relative to the base, an untrained doctor balances already except for the
+//! rewards, and training moves each token's log-ratio toward `r_t`, which is the implicit reward
+//! that `llmdoctor eval` measures. The tilt is then bounded by the rewards (at most one nat per
+//! token), so such doctors steer gently.
 //!
 //! NOTE: on the tiny synthetic task of `tests/train_end_to_end.rs`, a doctor trained relative
 //! to its base did not raise the marker rate significantly (z = 1.75 at β = 1, none at β = 3),
@@ -22,7 +23,6 @@
 //! settled; see `doctors/harmless/README.md`.
 
 use candle_core::{Tensor, D};
-
 use serde::{Deserialize, Serialize};
 
 use crate::model::{KvCache, Llama, LogitsSelection, LoraAdapter, Row};
