@@ -19,8 +19,8 @@
 //!
 //! NOTE: on the tiny synthetic task of `tests/train_end_to_end.rs`, a doctor trained relative
 //! to its base did not raise the marker rate significantly (z = 1.75 at β = 1, none at β = 3),
-//! while the absolute form did (z ≈ 6). Which form serves real preference data better is not
-//! settled; see `doctors/harmless/README.md`.
+//! while the absolute form did (z ≈ 6). On 330 HH-RLHF pairs the absolute form also scored
+//! higher on held-out pairs (60.1% against 57.6%, `doctors/harmless/README.md`).
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
