@@ -108,8 +108,8 @@ pub fn run(engine: &EngineHandle, plan: &BenchPlan) -> Result<Vec<BenchResult>, 
     Ok(results)
 }
 
-/// Reads a memory field of `/proc/self/status` (`VmRSS`, `VmHWM`) in MiB; `None` where the file
-/// or the field is absent.
+/// Reads a memory field of `/proc/self/status` (`VmRSS`, `VmHWM`) in MiB. Returns `None` where
+/// the file or the field is missing.
 pub fn resident_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with(field))?;
@@ -122,7 +122,7 @@ pub fn resident_mib(field: &str) -> Option<f64> {
 pub fn reset_peak_resident() {
     // Writing 5 to clear_refs resets the peak resident set size (Linux 4.0 and later).
     if let Err(err) = std::fs::write("/proc/self/clear_refs", "5") {
-        tracing::debug!(%err, "cannot reset the peak resident memory");
+        tracing::debug!(%err, "failed to reset the peak resident memory, so VmHWM counts from the start");
     }
 }
 

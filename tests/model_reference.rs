@@ -146,19 +146,19 @@ fn check_against_llamacpp(format: WeightFormat, bounds: &Bounds) -> Option<Agree
     Some(agreement)
 }
 
+/// Bounds for the file's own Q4_1 weights, which both the as-stored and the default policy keep.
+const STORED_Q4_1: Bounds = Bounds {
+    max_mean: 0.05,
+    max_worst: 0.6,
+    min_share_within_0_1: 0.85,
+    argmax_margin: 0.3,
+    top5_shared: 4,
+    top5_tolerance: 0.2,
+};
+
 #[test]
 fn stored_q4_1_agrees_with_llamacpp() {
-    check_against_llamacpp(
-        WeightFormat::Quantized(QuantPolicy::AsStored),
-        &Bounds {
-            max_mean: 0.05,
-            max_worst: 0.6,
-            min_share_within_0_1: 0.85,
-            argmax_margin: 0.3,
-            top5_shared: 4,
-            top5_tolerance: 0.2,
-        },
-    );
+    check_against_llamacpp(WeightFormat::Quantized(QuantPolicy::AsStored), &STORED_Q4_1);
 }
 
 #[test]
@@ -166,14 +166,7 @@ fn default_fast_policy_agrees_with_llamacpp() {
     // Q4_1 has a batched kernel of its own, so the default policy keeps the file's weights.
     check_against_llamacpp(
         WeightFormat::Quantized(QuantPolicy::FastTypes),
-        &Bounds {
-            max_mean: 0.05,
-            max_worst: 0.6,
-            min_share_within_0_1: 0.85,
-            argmax_margin: 0.3,
-            top5_shared: 4,
-            top5_tolerance: 0.2,
-        },
+        &STORED_Q4_1,
     );
 }
 

@@ -36,6 +36,18 @@ fn tiny_dense_model(dir: &std::path::Path) -> Llama {
     Llama::load(&path, &options, &Device::Cpu).unwrap()
 }
 
+/// Returns a rank-4 adapter configuration. The targets go to `init_trainable`.
+fn rank4_config() -> AdapterConfig {
+    AdapterConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        use_rslora: false,
+        target_modules: Vec::new(),
+        peft_type: "LORA".into(),
+        base_model_name_or_path: None,
+    }
+}
+
 fn pair() -> TrainingPair {
     TrainingPair {
         pair_id: "p".into(),
@@ -86,14 +98,7 @@ fn perturbed(var: &Var, index: usize, delta: f32) -> Tensor {
 fn lora_and_value_head_gradients_match_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_dense_model(dir.path());
-    let config = AdapterConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        use_rslora: false,
-        target_modules: Vec::new(),
-        peft_type: "LORA".into(),
-        base_model_name_or_path: None,
-    };
+    let config = rank4_config();
     let targets = [Projection::Q, Projection::V, Projection::Down];
     let (adapter, mut vars) =
         LoraAdapter::init_trainable(model.config(), config, &targets, &Device::Cpu).unwrap();
@@ -182,14 +187,7 @@ fn lora_and_value_head_gradients_match_finite_differences() {
 fn relative_term_untrained_doctor_is_zero() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_dense_model(dir.path());
-    let config = AdapterConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        use_rslora: false,
-        target_modules: Vec::new(),
-        peft_type: "LORA".into(),
-        base_model_name_or_path: None,
-    };
+    let config = rank4_config();
     let (adapter, mut vars) =
         LoraAdapter::init_trainable(model.config(), config, &Projection::ALL, &Device::Cpu)
             .unwrap();

@@ -210,7 +210,7 @@ impl LoraAdapter {
         &self.config
     }
 
-    /// Returns the bytes the adapter holds: its tensors plus their host copies, if any.
+    /// Returns the adapter's size in bytes: its tensors plus their host copies, if any.
     pub fn size_bytes(&self) -> usize {
         let bytes = |pair: &LoraPair| {
             let tensors =

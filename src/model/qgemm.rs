@@ -346,54 +346,38 @@ mod avx2 {
             let count = (rows - start).min(TILE);
             // SAFETY: AVX2 and FMA are enabled for this function; slices are in bounds.
             unsafe {
-                match (column, count) {
-                    (Column::Q8 { values, scales }, 4) => {
-                        q8_tile::<4>(values, scales, activations, blocks, start, out)
-                    }
-                    (Column::Q8 { values, scales }, 3) => {
-                        q8_tile::<3>(values, scales, activations, blocks, start, out)
-                    }
-                    (Column::Q8 { values, scales }, 2) => {
-                        q8_tile::<2>(values, scales, activations, blocks, start, out)
-                    }
-                    (Column::Q8 { values, scales }, _) => {
-                        q8_tile::<1>(values, scales, activations, blocks, start, out)
-                    }
-                    (
-                        Column::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        4,
-                    ) => q4_tile::<4>(nibbles, scales, mins, activations, blocks, start, out),
-                    (
-                        Column::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        3,
-                    ) => q4_tile::<3>(nibbles, scales, mins, activations, blocks, start, out),
-                    (
-                        Column::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        2,
-                    ) => q4_tile::<2>(nibbles, scales, mins, activations, blocks, start, out),
-                    (
-                        Column::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        _,
-                    ) => q4_tile::<1>(nibbles, scales, mins, activations, blocks, start, out),
+                match count {
+                    4 => tile::<4>(column, activations, blocks, start, out),
+                    3 => tile::<3>(column, activations, blocks, start, out),
+                    2 => tile::<2>(column, activations, blocks, start, out),
+                    _ => tile::<1>(column, activations, blocks, start, out),
                 }
             }
             start += count;
+        }
+    }
+
+    /// Computes `R` rows starting at `start` with the kernel for the column's layout.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(
+        column: Column<'_>,
+        activations: &QuantizedRows,
+        blocks: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller enables AVX2 and FMA and passes rows in bounds.
+        unsafe {
+            match column {
+                Column::Q8 { values, scales } => {
+                    q8_tile::<R>(values, scales, activations, blocks, start, out)
+                }
+                Column::Q4 {
+                    nibbles,
+                    scales,
+                    mins,
+                } => q4_tile::<R>(nibbles, scales, mins, activations, blocks, start, out),
+            }
         }
     }
 
@@ -441,7 +425,7 @@ mod avx2 {
 
     /// `R` rows of a 4-bit column starting at `start`, with the same batch-size independence
     /// as [`q8_tile`]. The nibbles are unsigned, so they meet the signed activations in
-    /// `maddubs` directly; the offset term `Σ_blocks min · scale_x · Σ qx` is added at the end.
+    /// `maddubs` directly. The offset term `Σ_blocks min · scale_x · Σ qx` is added at the end.
     #[allow(clippy::needless_range_loop)] // the indices address four arrays in lockstep
     #[target_feature(enable = "avx2,fma")]
     unsafe fn q4_tile<const R: usize>(

@@ -24,7 +24,7 @@ pub enum WeightFormat {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantPolicy {
     /// Keep every tensor in its stored type. Q8_0, Q4_0 and Q4_1 use the batched CPU kernels of
-    /// [`super::qgemm`]; other types use candle's, which re-read the weights for every row.
+    /// [`super::qgemm`]. Other types use candle's, which re-read the weights for every row.
     AsStored,
     /// Also requantise Q5_0, Q5_1 and the K-quants (Q2_K to Q6_K) to Q8_0 at load, so that
     /// every quantised matrix runs on the batched kernels. This trades weight memory (8.5 bits
@@ -81,7 +81,7 @@ impl Linear {
     }
 
     /// Wraps a quantised `(out, in)` weight. Q8_0, Q4_0 and Q4_1 weights on the CPU use the
-    /// batched kernel of [`super::qgemm`]; other types use candle's.
+    /// batched kernel of [`super::qgemm`]. Other types use candle's.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self, ModelError> {
         let (out_features, in_features) = weight.shape().dims2()?;
         let on_cpu = matches!(weight.device(), Device::Cpu);

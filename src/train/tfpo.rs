@@ -93,7 +93,7 @@ impl TrainingPair {
     }
 }
 
-/// The quantity SubTB's policy term `log π̂(y_{t+1} | s_t)` stands for.
+/// The quantity that SubTB's policy term `log π̂(y_{t+1} | s_t)` measures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyTerm {
@@ -161,7 +161,7 @@ pub struct PairLoss {
 /// loss. The base weights are not variables, so gradients reach only the adapter and the head.
 ///
 /// With `reference`, the policy term is the doctor's log-probability minus the reference's
-/// ([`PolicyTerm::RelativeToBase`]); without it, the doctor's log-probability alone.
+/// ([`PolicyTerm::RelativeToBase`]). Without it, the term is the doctor's log-probability.
 pub fn pair_loss(
     model: &Llama,
     adapter: &LoraAdapter,
@@ -229,8 +229,8 @@ pub fn pair_loss(
     })
 }
 
-/// `(log_q, log_v, log_pi)` of one response from its row's hidden states `(P+L, hidden)`;
-/// `log_pi` is relative to `reference` when one is given.
+/// Computes `(log_q, log_v, log_pi)` of one response from its row's hidden states
+/// `(P+L, hidden)`. `log_pi` is relative to `reference` when one is given.
 fn response_terms(
     model: &Llama,
     head: &ValueHead,

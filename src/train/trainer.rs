@@ -51,7 +51,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `γ` and `λ` of the loss.
     pub loss: LossParams,
-    /// The quantity SubTB's policy term stands for.
+    /// The quantity that SubTB's policy term measures.
     pub policy_term: PolicyTerm,
 }
 
