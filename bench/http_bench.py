@@ -262,7 +262,7 @@ def stream_completion(
 
 
 def read_events(response: http.client.HTTPResponse, url: str, result: RequestResult) -> None:
-    """Read SSE events until `data: [DONE]` or the end of the body, filling `result`."""
+    """Read SSE events into `result` until `data: [DONE]` or the end of the body."""
     data_lines: list[str] = []
     done = False
     while True:
@@ -288,7 +288,7 @@ def read_events(response: http.client.HTTPResponse, url: str, result: RequestRes
             continue
         handle_event(data, url, result)
     if not done:
-        raise BenchError(f"{url} ended the stream without `data: [DONE]`; check the server's log")
+        raise BenchError(f"{url} ended the stream without `data: [DONE]`: check the server's log")
 
 
 def handle_event(data: str, url: str, result: RequestResult) -> None:
@@ -300,7 +300,7 @@ def handle_event(data: str, url: str, result: RequestResult) -> None:
         raise BenchError(f"{url} sent an event that is not JSON: {data[:120]!r}") from None
     if "error" in chunk:
         raise BenchError(
-            f"{url} sent an error in the stream: {error_message(data)}; check the server's log"
+            f"{url} sent an error in the stream: {error_message(data)}. Check the server's log."
         )
     for choice in chunk.get("choices") or []:
         if choice.get("text"):
@@ -454,7 +454,7 @@ def warn_about(record: dict) -> None:
     if record["usage_mismatches"]:
         print(
             f"warning ({where}): {record['usage_mismatches']} requests had a token-chunk count "
-            "different from usage.completion_tokens; the server may merge tokens into one chunk",
+            "different from usage.completion_tokens, so the server may merge tokens into one chunk",
             file=sys.stderr,
         )
     if record["short_requests"]:
@@ -496,7 +496,7 @@ def print_table_row(record: dict) -> None:
 
 
 def concurrency_list(text: str) -> list[int]:
-    """Parse `1,8,16` into [1, 8, 16] for argparse."""
+    """Parse a list such as `1,8,16` into [1, 8, 16] for argparse."""
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
