@@ -338,13 +338,15 @@ impl LoraAdapter {
         })
     }
 
-    /// Creates trainable pairs for the given projections of every layer: `A` drawn from a
-    /// uniform Kaiming-style range and `B = 0`, as PEFT initialises them, so the adapter starts
-    /// as a no-op. Returns the adapter and its variables.
+    /// Creates trainable pairs for the given projections of every layer: `A` drawn from `rng`,
+    /// uniform in `±1/√in` as PEFT's Kaiming-style range, and `B = 0`, so the adapter starts as a
+    /// no-op. Returns the adapter and its variables, alternating A and B for every layer and
+    /// target. The same RNG state always gives the same adapter.
     pub fn init_trainable(
         model: &ModelConfig,
         config: AdapterConfig,
         targets: &[Projection],
+        rng: &mut impl rand::Rng,
         device: &Device,
     ) -> Result<(Self, Vec<Var>), ModelError> {
         let mut vars = Vec::new();
@@ -354,7 +356,11 @@ impl LoraAdapter {
             for &projection in targets {
                 let (out_features, in_features) = projection.shape(model);
                 let bound = 1.0 / (in_features as f32).sqrt();
-                let a = Var::rand(-bound, bound, (config.r, in_features), device)?;
+                let values: Vec<f32> = (0..config.r * in_features)
+                    .map(|_| rng.gen_range(-bound..bound))
+                    .collect();
+                let a =
+                    Var::from_tensor(&Tensor::from_vec(values, (config.r, in_features), device)?)?;
                 let b = Var::zeros((out_features, config.r), DType::F32, device)?;
                 slots[projection.index()] = Some(LoraPair {
                     a: a.as_tensor().clone(),

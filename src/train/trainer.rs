@@ -10,9 +10,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::lora::{AdapterConfig, Projection};
@@ -103,23 +103,14 @@ fn init_trainables(
     config: &TrainConfig,
 ) -> Result<(LoraAdapter, ValueHead, Vec<Var>), TrainError> {
     let device = model.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let (adapter, mut vars) = LoraAdapter::init_trainable(
         model.config(),
         config.adapter_config(),
         &config.targets,
+        &mut rng,
         device,
     )?;
-    // candle's `Var::rand` is not seeded, so the A matrices are redrawn from the seed with the
-    // same uniform bound `1/√in`. The variables alternate A, B for every layer and target.
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    for a in vars.iter().step_by(2) {
-        let (rank, inputs) = a.dims2()?;
-        let bound = 1.0 / (inputs as f32).sqrt();
-        let values: Vec<f32> = (0..rank * inputs)
-            .map(|_| rng.gen_range(-bound..bound))
-            .collect();
-        a.set(&Tensor::from_vec(values, (rank, inputs), device)?)?;
-    }
     let dims = ValueHeadDims {
         hidden: model.config().hidden_size,
         inner: config.value_inner,
