@@ -7,7 +7,8 @@
 //! Every block of 32 weights is loaded (and, for 4-bit types, unpacked) once and multiplied with
 //! the matching blocks of up to four activation rows while it sits in registers. Activations are
 //! quantised per block of 32 to int8, as llama.cpp does: Q8_0 weights meet Q8_0 activations and
-//! 4-bit weights meet Q8_1-style activations, whose block sums carry the weights' offset.
+//! 4-bit weights meet Q8_1-style activations, whose block sums carry the weights' offset. That
+//! offset term is added after the integer loop, for 64 output columns at a time.
 //!
 //! Each output element is computed by the same instruction sequence, in the same order, whether
 //! its row is alone or in a batch, so results are bit-identical across batch compositions.
@@ -35,7 +36,9 @@ enum Layout {
     Q8 { values: Vec<i8> },
     /// `w = scale · q + min` with `q` in `0..16`: `(out, in / 2)` bytes, where byte `j` of a
     /// block holds element `j` in its low nibble and element `j + 16` in its high nibble (the
-    /// GGUF order). Q4_0 is stored with `min = −8 · scale`.
+    /// GGUF order). Q4_0 is stored with `min = −8 · scale`. The minimums are grouped by
+    /// parallel task: `(⌈out / 64⌉, in / 32, 64)`, zero-padded, so the offset pass reads 64
+    /// columns of one block contiguously.
     Q4 { nibbles: Vec<u8>, mins: Vec<f32> },
 }
 
@@ -67,7 +70,6 @@ enum Column<'a> {
     Q4 {
         nibbles: &'a [u8],
         scales: &'a [f32],
-        mins: &'a [f32],
     },
 }
 
@@ -106,16 +108,19 @@ impl QuantMatrix {
             }
             dtype => {
                 let header = block_bytes - BLOCK / 2;
+                let row_blocks = in_features / BLOCK;
+                let groups = out_features.div_ceil(COLUMNS_PER_TASK);
                 let mut nibbles = Vec::with_capacity(out_features * in_features / 2);
-                let mut mins = Vec::with_capacity(blocks);
-                for block in data.chunks_exact(block_bytes) {
+                let mut mins = vec![0f32; groups * row_blocks * COLUMNS_PER_TASK];
+                for (index, block) in data.chunks_exact(block_bytes).enumerate() {
                     let scale = f16_at(block, 0);
                     scales.push(scale);
-                    mins.push(if dtype == GgmlDType::Q4_1 {
+                    let (column, block_index) = (index / row_blocks, index % row_blocks);
+                    mins[min_index(column, block_index, row_blocks)] = if dtype == GgmlDType::Q4_1 {
                         f16_at(block, 2)
                     } else {
                         -8.0 * scale
-                    });
+                    };
                     nibbles.extend_from_slice(&block[header..]);
                 }
                 Layout::Q4 { nibbles, mins }
@@ -156,10 +161,9 @@ impl QuantMatrix {
                 values: &values[column * self.in_features..][..self.in_features],
                 scales,
             },
-            Layout::Q4 { nibbles, mins } => Column::Q4 {
+            Layout::Q4 { nibbles, .. } => Column::Q4 {
                 nibbles: &nibbles[column * self.in_features / 2..][..self.in_features / 2],
                 scales,
-                mins: &mins[column * blocks..][..blocks],
             },
         }
     }
@@ -167,6 +171,7 @@ impl QuantMatrix {
     /// Returns the weights as dense f32, `(out, in)` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.out_features * self.in_features);
+        let blocks = self.in_features / BLOCK;
         for column in 0..self.out_features {
             match self.column(column) {
                 Column::Q8 { values, scales } => {
@@ -174,13 +179,13 @@ impl QuantMatrix {
                         out.extend(values.iter().map(|&q| q as f32 * scales[block]));
                     }
                 }
-                Column::Q4 {
-                    nibbles,
-                    scales,
-                    mins,
-                } => {
+                Column::Q4 { nibbles, scales } => {
+                    let Layout::Q4 { mins, .. } = &self.layout else {
+                        unreachable!("a Q4 column comes from the Q4 layout")
+                    };
                     for (block, bytes) in nibbles.chunks_exact(BLOCK / 2).enumerate() {
-                        let value = |q: u8| q as f32 * scales[block] + mins[block];
+                        let min = mins[min_index(column, block, blocks)];
+                        let value = |q: u8| q as f32 * scales[block] + min;
                         out.extend(bytes.iter().map(|&b| value(b & 0x0F)));
                         out.extend(bytes.iter().map(|&b| value(b >> 4)));
                     }
@@ -207,6 +212,11 @@ impl QuantMatrix {
                     let column = self.column(first + offset);
                     kernel.column(column, &activations, blocks, column_out);
                 }
+                if let Layout::Q4 { mins, .. } = &self.layout {
+                    let mins =
+                        &mins[task * blocks * COLUMNS_PER_TASK..][..blocks * COLUMNS_PER_TASK];
+                    kernel.add_offsets(mins, &activations.sums, blocks, rows, out);
+                }
             });
         let mut out = vec![0f32; rows * self.out_features];
         for (column, values) in transposed.chunks_exact(rows).enumerate() {
@@ -215,6 +225,52 @@ impl QuantMatrix {
             }
         }
         out
+    }
+}
+
+/// Index of the minimum of `column`'s `block` in the grouped layout of [`Layout::Q4`].
+fn min_index(column: usize, block: usize, blocks: usize) -> usize {
+    let (group, lane) = (column / COLUMNS_PER_TASK, column % COLUMNS_PER_TASK);
+    (group * blocks + block) * COLUMNS_PER_TASK + lane
+}
+
+/// Adds the 4-bit offset term `Σ_blocks min · sum_x` to one task's column-major outputs
+/// (`(columns, rows)`, at most 64 columns). `mins` is the task's `(blocks, 64)` slice.
+///
+/// Each column is summed in the order of [`crate::model::attention::dot`]: eight partial sums
+/// over blocks `b mod 8`, added in order, then the remaining blocks one by one, each with a
+/// separate multiply and add. So the result does not depend on the batch, the vector width or
+/// the kernel. The order matters on real models: the offset nearly cancels the main term, and
+/// plain sequential summation moved one of SmolLM2's first-step log-probabilities by 0.3.
+#[inline(always)]
+fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, out: &mut [f32]) {
+    const LANES: usize = 8;
+    let columns = out.len() / rows;
+    let full = blocks / LANES * LANES;
+    for row in 0..rows {
+        let row_sums = &sums[row * blocks..][..blocks];
+        let mut partials = [[0f32; COLUMNS_PER_TASK]; LANES];
+        for (block, &sum) in row_sums[..full].iter().enumerate() {
+            let block_mins = &mins[block * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
+            for (partial, &min) in partials[block % LANES].iter_mut().zip(block_mins) {
+                *partial += min * sum;
+            }
+        }
+        let mut offsets = [0f32; COLUMNS_PER_TASK];
+        for partial in &partials {
+            for (offset, &value) in offsets.iter_mut().zip(partial) {
+                *offset += value;
+            }
+        }
+        for (block, &sum) in row_sums.iter().enumerate().skip(full) {
+            let block_mins = &mins[block * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
+            for (offset, &min) in offsets.iter_mut().zip(block_mins) {
+                *offset += min * sum;
+            }
+        }
+        for (column, offset) in offsets.iter().take(columns).enumerate() {
+            out[column * rows + row] += offset;
+        }
     }
 }
 
@@ -280,15 +336,25 @@ impl Kernel {
             Self::Avx2 => unsafe { avx2::column(column, activations, blocks, out) },
         }
     }
+
+    /// Adds the 4-bit offset term to one task's outputs, with AVX2 code where the CPU has it.
+    /// The result is the same on every path.
+    fn add_offsets(self, mins: &[f32], sums: &[f32], blocks: usize, rows: usize, out: &mut [f32]) {
+        match self {
+            Self::Scalar => add_offsets_generic(mins, sums, blocks, rows, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2 and FMA.
+            Self::Avx2 => unsafe { avx2::add_offsets(mins, sums, blocks, rows, out) },
+        }
+    }
 }
 
-/// `out[row] = Σ_blocks dw · dx · (qw · qx)`, plus `Σ_blocks min · sum_x` for 4-bit weights.
+/// `out[row] = Σ_blocks dw · dx · (qw · qx)`. The 4-bit offset is added by [`Kernel::add_offsets`].
 fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize, out: &mut [f32]) {
     let in_features = blocks * BLOCK;
     for (row, value) in out.iter_mut().enumerate() {
         let x = &activations.values[row * in_features..][..in_features];
         let x_scales = &activations.scales[row * blocks..][..blocks];
-        let x_sums = &activations.sums[row * blocks..][..blocks];
         let mut sum = 0f32;
         for block in 0..blocks {
             let a = &x[block * BLOCK..][..BLOCK];
@@ -298,11 +364,7 @@ fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize,
                     let dot: i32 = w.iter().zip(a).map(|(&w, &a)| w as i32 * a as i32).sum();
                     sum += scales[block] * x_scales[block] * dot as f32;
                 }
-                Column::Q4 {
-                    nibbles,
-                    scales,
-                    mins,
-                } => {
+                Column::Q4 { nibbles, scales } => {
                     let bytes = &nibbles[block * BLOCK / 2..][..BLOCK / 2];
                     let (low, high) = a.split_at(BLOCK / 2);
                     let dot: i32 = bytes
@@ -312,8 +374,7 @@ fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize,
                             (b & 0x0F) as i32 * l as i32 + (b >> 4) as i32 * h as i32
                         })
                         .sum();
-                    sum +=
-                        scales[block] * x_scales[block] * dot as f32 + mins[block] * x_sums[block];
+                    sum += scales[block] * x_scales[block] * dot as f32;
                 }
             }
         }
@@ -325,8 +386,7 @@ fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize,
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Column, QuantizedRows, BLOCK};
-    use crate::model::attention::dot;
+    use super::{add_offsets_generic, Column, QuantizedRows, BLOCK};
 
     /// Rows processed together; their accumulators and one weight block fit in registers.
     const TILE: usize = 4;
@@ -372,11 +432,9 @@ mod avx2 {
                 Column::Q8 { values, scales } => {
                     q8_tile::<R>(values, scales, activations, blocks, start, out)
                 }
-                Column::Q4 {
-                    nibbles,
-                    scales,
-                    mins,
-                } => q4_tile::<R>(nibbles, scales, mins, activations, blocks, start, out),
+                Column::Q4 { nibbles, scales } => {
+                    q4_tile::<R>(nibbles, scales, activations, blocks, start, out)
+                }
             }
         }
     }
@@ -425,13 +483,12 @@ mod avx2 {
 
     /// `R` rows of a 4-bit column starting at `start`, with the same batch-size independence
     /// as [`q8_tile`]. The nibbles are unsigned, so they meet the signed activations in
-    /// `maddubs` directly. The offset term `Σ_blocks min · scale_x · Σ qx` is added at the end.
+    /// `maddubs` directly. The offset term is left to [`add_offsets`].
     #[allow(clippy::needless_range_loop)] // the indices address four arrays in lockstep
     #[target_feature(enable = "avx2,fma")]
     unsafe fn q4_tile<const R: usize>(
         nibbles: &[u8],
         scales: &[f32],
-        mins: &[f32],
         activations: &QuantizedRows,
         blocks: usize,
         start: usize,
@@ -467,11 +524,23 @@ mod avx2 {
             }
         }
         for (r, lanes) in acc.iter().enumerate() {
-            // The offset term is one dot product per row over the blocks, kept out of the hot
-            // loop, where a scalar accumulator per row made prefill 1.6x slower than Q8_0.
-            let sums = &activations.sums[(start + r) * blocks..][..blocks];
-            out[start + r] = horizontal_sum(*lanes) + dot(mins, sums);
+            out[start + r] = horizontal_sum(*lanes);
         }
+    }
+
+    /// [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_offsets(
+        mins: &[f32],
+        sums: &[f32],
+        blocks: usize,
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        add_offsets_generic(mins, sums, blocks, rows, out);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -507,7 +576,7 @@ mod tests {
     #[test]
     fn dequantizes_like_candle() {
         for dtype in TYPES {
-            let q = QTensor::quantize(&random(5, 96, 2), dtype).unwrap();
+            let q = QTensor::quantize(&random(130, 96, 2), dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap();
             let candle = host(&q.dequantize(&Device::Cpu).unwrap());
             assert_eq!(matrix.dequantize(), candle, "{dtype:?}");
@@ -523,7 +592,13 @@ mod tests {
     fn matches_dequantized_reference() {
         for dtype in TYPES {
             for (out_features, in_features) in [(64, 32), (96, 576), (200, 1536), (7, 64)] {
-                let weight = random(out_features, in_features, 1);
+                // A different offset per output row, so that a 4-bit minimum applied to the
+                // wrong column shows.
+                let shifts: Vec<f32> = (0..out_features).map(|c| (c % 7) as f32 - 3.0).collect();
+                let shifts = Tensor::from_vec(shifts, (out_features, 1), &Device::Cpu).unwrap();
+                let weight = random(out_features, in_features, 1)
+                    .broadcast_add(&shifts)
+                    .unwrap();
                 let q = QTensor::quantize(&weight, dtype).unwrap();
                 let matrix = QuantMatrix::from_qtensor(&q).unwrap();
                 let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
@@ -543,6 +618,46 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Against the dequantised weights times the int8-rounded activations the kernels see, so
+    /// the only difference left is f32 summation order: within 1e-5 of `Σ|w·x|`.
+    #[test]
+    fn matches_rounded_activations() {
+        for dtype in TYPES {
+            let (out_features, in_features, rows) = (200, 576, 5);
+            // A different offset per output row, so that a 4-bit minimum applied to the wrong
+            // column shows.
+            let shifts: Vec<f32> = (0..out_features).map(|c| (c % 7) as f32 - 3.0).collect();
+            let shifts = Tensor::from_vec(shifts, (out_features, 1), &Device::Cpu).unwrap();
+            let weight = random(out_features, in_features, 8)
+                .broadcast_add(&shifts)
+                .unwrap();
+            let q = QTensor::quantize(&weight, dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap();
+            let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+            let x = host(&random(rows, in_features, 9));
+            let rounded = quantize_rows(&x, rows, in_features);
+            let out = matrix.matmul(&x, rows);
+            for row in 0..rows {
+                let xq: Vec<f32> = (0..in_features)
+                    .map(|i| {
+                        let index = row * in_features + i;
+                        rounded.values[index] as f32 * rounded.scales[index / BLOCK]
+                    })
+                    .collect();
+                for col in 0..out_features {
+                    let products = dense[col].iter().zip(&xq).map(|(w, x)| w * x);
+                    let exact: f32 = products.clone().sum();
+                    let magnitude: f32 = products.map(f32::abs).sum();
+                    let got = out[row * out_features + col];
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * magnitude,
+                        "{dtype:?} [{row},{col}]: {got} vs {exact}"
+                    );
                 }
             }
         }
