@@ -250,6 +250,107 @@ pub fn prefill_tokens_per_second(
     Ok(percentile(&mut rates, 0.5))
 }
 
+/// One kernel measurement: a quantised matmul of one type, shape and batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelResult {
+    /// Always `"kernel"`, to tell these lines apart in `--json` output.
+    pub mode: &'static str,
+    /// Weight type, as GGUF names it.
+    pub dtype: String,
+    /// Output width of the weight matrix.
+    pub out_features: usize,
+    /// Input width of the weight matrix.
+    pub in_features: usize,
+    /// Activation rows per call.
+    pub rows: usize,
+    /// Median over the runs, in microseconds per call.
+    pub micros_per_call: f64,
+    /// Median ratio to the Q8_0 call of the same shape and batch in the same run (below 1 is
+    /// faster than Q8_0).
+    pub ratio_to_q8_0: f64,
+}
+
+/// Times [`QuantMatrix::matmul`] for Q8_0, Q4_0 and Q4_1 on random weights of each
+/// `(out, in)` shape and each batch size. Each run times every type back to back, so the
+/// ratios to Q8_0 compare calls made moments apart. Returns one result per type, shape and
+/// batch size, with medians over `repeats` runs.
+pub fn kernel_timings(
+    shapes: &[(usize, usize)],
+    batch_sizes: &[usize],
+    repeats: usize,
+) -> candle_core::Result<Vec<KernelResult>> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    use crate::model::qgemm::QuantMatrix;
+
+    const TYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    if batch_sizes.contains(&0) {
+        return Err(candle_core::Error::Msg(
+            "invalid batch size 0: every batch needs at least one row".into(),
+        ));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut results = Vec::new();
+    for &(out_features, in_features) in shapes {
+        let weights: Vec<f32> = (0..out_features * in_features)
+            .map(|_| rng.gen_range(-0.1..0.1))
+            .collect();
+        let weights = Tensor::from_vec(weights, (out_features, in_features), &Device::Cpu)?;
+        let matrices: Vec<QuantMatrix> = TYPES
+            .iter()
+            .map(|&dtype| {
+                let tensor = QTensor::quantize(&weights, dtype)?;
+                QuantMatrix::from_qtensor(&tensor).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{dtype:?} has no batched kernel for ({out_features}, {in_features})"
+                    ))
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        for &rows in batch_sizes {
+            let x: Vec<f32> = (0..rows * in_features)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            // Enough calls that one timing covers about four million multiply-adds.
+            let calls = (4_000_000 / (rows * out_features * in_features)).clamp(1, 1000);
+            let mut times = vec![Vec::with_capacity(repeats); TYPES.len()];
+            for _ in 0..repeats {
+                for (matrix, samples) in matrices.iter().zip(&mut times) {
+                    let start = Instant::now();
+                    for _ in 0..calls {
+                        std::hint::black_box(matrix.matmul(std::hint::black_box(&x), rows));
+                    }
+                    samples.push(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
+                }
+            }
+            let mut ratios: Vec<Vec<f64>> = times
+                .iter()
+                .map(|samples| {
+                    samples
+                        .iter()
+                        .zip(&times[0])
+                        .map(|(t, q8)| t / q8)
+                        .collect()
+                })
+                .collect();
+            for ((dtype, samples), ratios) in TYPES.iter().zip(&mut times).zip(&mut ratios) {
+                results.push(KernelResult {
+                    mode: "kernel",
+                    dtype: format!("{dtype:?}"),
+                    out_features,
+                    in_features,
+                    rows,
+                    micros_per_call: percentile(samples, 0.5),
+                    ratio_to_q8_0: percentile(ratios, 0.5),
+                });
+            }
+        }
+    }
+    Ok(results)
+}
+
 /// Returns the `q` quantile (0..=1) by nearest rank, or 0 for an empty slice.
 pub fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -262,7 +363,19 @@ pub fn percentile(values: &mut [f64], q: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{kernel_timings, percentile};
+
+    #[test]
+    fn kernel_timings_cover_types_and_batches() {
+        let results = kernel_timings(&[(64, 32), (32, 64)], &[1, 5], 2).unwrap();
+        assert_eq!(results.len(), 2 * 2 * 3);
+        let q8: Vec<_> = results.iter().filter(|r| r.dtype == "Q8_0").collect();
+        assert_eq!(q8.len(), 4);
+        assert!(q8.iter().all(|r| r.ratio_to_q8_0 == 1.0));
+        assert!(results.iter().all(|r| r.micros_per_call > 0.0));
+        let rows: Vec<usize> = results.iter().map(|r| r.rows).collect();
+        assert_eq!(rows[..6], [1, 1, 1, 5, 5, 5]);
+    }
 
     #[test]
     fn percentile_picks_nearest_rank() {

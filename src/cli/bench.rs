@@ -42,6 +42,11 @@ pub struct BenchArgs {
     /// Print one JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the quantised matmul kernels alone (Q8_0, Q4_0, Q4_1 on random weights of the
+    /// model's projection shapes), with the `--concurrency` levels and `--prefill-tokens` as
+    /// batch sizes, instead of the engine.
+    #[arg(long)]
+    kernels: bool,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -50,11 +55,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.concurrency.iter().all(|&c| c > 0),
         "every `--concurrency` level must be at least 1"
     );
+    anyhow::ensure!(
+        args.prefill_tokens > 0,
+        "`--prefill-tokens` must be at least 1, got 0"
+    );
     let path = model_path(args.model.clone())?;
     let before_load = bench::resident_mib("VmRSS");
     let patient = load_model(&path, &args.quant.load_options(), &Device::Cpu)
         .with_context(|| format!("failed to load the model `{}`", path.display()))?;
     let after_patient = bench::resident_mib("VmRSS");
+    if args.kernels {
+        return run_kernels(&args, &patient);
+    }
     let doctors: Vec<Arc<Doctor>> = (0..2)
         .map(|i| random_doctor(&patient, &format!("bench-{i}"), args.doctor_rank, i as u64))
         .collect::<anyhow::Result<_>>()?;
@@ -142,6 +154,41 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.ttft_p50_ms,
             r.ratio_to_baseline,
             r.peak_rss_mib.map_or("n/a".into(), |v| format!("{v:.0}"))
+        );
+    }
+    Ok(())
+}
+
+/// Times the kernels on the model's three projection shapes and prints the results.
+fn run_kernels(args: &BenchArgs, patient: &LoadedModel) -> anyhow::Result<()> {
+    let config = patient.model.config();
+    let hidden = config.hidden_size;
+    let shapes = [
+        (hidden, hidden),
+        (config.intermediate_size, hidden),
+        (hidden, config.intermediate_size),
+    ];
+    let mut batch_sizes = args.concurrency.clone();
+    batch_sizes.push(args.prefill_tokens);
+    let results = bench::kernel_timings(&shapes, &batch_sizes, args.repeats)?;
+    if args.json {
+        for result in &results {
+            println!("{}", serde_json::to_string(result)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:>12} {:>5} {:>12} {:>10}",
+        "type", "out x in", "rows", "us per call", "vs Q8_0"
+    );
+    for r in &results {
+        println!(
+            "{:<6} {:>12} {:>5} {:>12.1} {:>10.2}",
+            r.dtype,
+            format!("{}x{}", r.out_features, r.in_features),
+            r.rows,
+            r.micros_per_call,
+            r.ratio_to_q8_0
         );
     }
     Ok(())
