@@ -318,8 +318,13 @@ impl Llama {
             let attn = self.attention(index, layer, &h, (&cos, &sin), rows, &spans, &groups)?;
             x = (x + attn)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gate = project(layer, index, Projection::Gate, &h, &groups)?;
-            let up = project(layer, index, Projection::Up, &h, &groups)?;
+            let [gate, up] = project_many(
+                layer,
+                index,
+                [Projection::Gate, Projection::Up],
+                &h,
+                &groups,
+            )?;
             let mlp = project(
                 layer,
                 index,
@@ -486,9 +491,16 @@ impl Llama {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = heads_first(project(layer, index, Projection::Q, h, groups)?, n_heads)?;
-        let k = heads_first(project(layer, index, Projection::K, h, groups)?, n_kv)?;
-        let v = heads_first(project(layer, index, Projection::V, h, groups)?, n_kv)?;
+        let [q, k, v] = project_many(
+            layer,
+            index,
+            [Projection::Q, Projection::K, Projection::V],
+            h,
+            groups,
+        )?;
+        let q = heads_first(q, n_heads)?;
+        let k = heads_first(k, n_kv)?;
+        let v = heads_first(v, n_kv)?;
         let q = self.rope(&q, cos, sin)?.squeeze(0)?; // (n_heads, tokens, head_dim)
         let k = self.rope(&k, cos, sin)?.squeeze(0)?; // (n_kv, tokens, head_dim)
         let v = v.squeeze(0)?; // (n_kv, tokens, head_dim)
@@ -554,6 +566,37 @@ fn project(
     lora: &LoraPlan<'_>,
 ) -> Result<Tensor, ModelError> {
     let y = layer.linear(projection).forward(x)?;
+    add_lora(y, index, projection, x, lora)
+}
+
+/// Like [`project`] for several projections of the same input, whose base matmuls share one
+/// call to the kernels.
+fn project_many<const N: usize>(
+    layer: &DecoderLayer,
+    index: usize,
+    projections: [Projection; N],
+    x: &Tensor,
+    lora: &LoraPlan<'_>,
+) -> Result<[Tensor; N], ModelError> {
+    let linears = projections.map(|projection| layer.linear(projection));
+    let bases = Linear::forward_many(&linears, x)?;
+    let mut out = Vec::with_capacity(N);
+    for (y, projection) in bases.into_iter().zip(projections) {
+        out.push(add_lora(y, index, projection, x, lora)?);
+    }
+    Ok(out
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one output per projection")))
+}
+
+/// Adds the LoRA deltas of `projection` to its base output `y` for the rows that have them.
+fn add_lora(
+    y: Tensor,
+    index: usize,
+    projection: Projection,
+    x: &Tensor,
+    lora: &LoraPlan<'_>,
+) -> Result<Tensor, ModelError> {
     if let Some(adapter) = lora.whole_batch {
         let Some(pair) = adapter.pair(index, projection) else {
             return Ok(y);

@@ -197,34 +197,76 @@ impl QuantMatrix {
 
     /// `x·Wᵀ` for `rows` rows of `x` (`(rows, in)` row-major) into `(rows, out)` row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), rows * self.in_features);
-        let activations = quantize_rows(x, rows, self.in_features);
-        let blocks = self.in_features / BLOCK;
-        // Computed column-major so each task owns a contiguous slice, then transposed.
-        let mut transposed = vec![0f32; self.out_features * rows];
+        Self::matmul_many(&[self], x, rows).remove(0)
+    }
+
+    /// `x·Wᵀ` for several matrices with the same input width, such as q, k and v. The
+    /// activations are quantised once and all columns go through one parallel loop, so the
+    /// pool is entered once. Each output is bit-identical to [`QuantMatrix::matmul`]'s.
+    ///
+    /// # Panics
+    /// If `matrices` is empty or their input widths differ.
+    pub fn matmul_many(matrices: &[&QuantMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        let in_features = matrices[0].in_features;
+        assert!(
+            matrices.iter().all(|m| m.in_features == in_features),
+            "matmul_many needs matrices with one input width"
+        );
+        debug_assert_eq!(x.len(), rows * in_features);
+        let activations = quantize_rows(x, rows, in_features);
         let kernel = Kernel::detect();
-        transposed
-            .par_chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * COLUMNS_PER_TASK;
-                for (offset, column_out) in out.chunks_exact_mut(rows).enumerate() {
-                    let column = self.column(first + offset);
-                    kernel.column(column, &activations, blocks, column_out);
+        // Computed column-major so each task owns a contiguous slice, then transposed.
+        let mut transposed: Vec<Vec<f32>> = matrices
+            .iter()
+            .map(|m| vec![0f32; m.out_features * rows])
+            .collect();
+        let tasks: Vec<(&QuantMatrix, usize, &mut [f32])> = matrices
+            .iter()
+            .zip(&mut transposed)
+            .flat_map(|(&matrix, out)| {
+                out.chunks_mut(COLUMNS_PER_TASK * rows)
+                    .enumerate()
+                    .map(move |(task, chunk)| (matrix, task, chunk))
+            })
+            .collect();
+        tasks.into_par_iter().for_each(|(matrix, task, out)| {
+            matrix.run_task(task, &activations, kernel, rows, out);
+        });
+        matrices
+            .iter()
+            .zip(&transposed)
+            .map(|(matrix, transposed)| {
+                let mut out = vec![0f32; rows * matrix.out_features];
+                for (column, values) in transposed.chunks_exact(rows).enumerate() {
+                    for (row, &value) in values.iter().enumerate() {
+                        out[row * matrix.out_features + column] = value;
+                    }
                 }
-                if let Layout::Q4 { mins, .. } = &self.layout {
-                    let mins =
-                        &mins[task * blocks * COLUMNS_PER_TASK..][..blocks * COLUMNS_PER_TASK];
-                    kernel.add_offsets(mins, &activations.sums, blocks, rows, out);
-                }
-            });
-        let mut out = vec![0f32; rows * self.out_features];
-        for (column, values) in transposed.chunks_exact(rows).enumerate() {
-            for (row, &value) in values.iter().enumerate() {
-                out[row * self.out_features + column] = value;
-            }
+                out
+            })
+            .collect()
+    }
+
+    /// Computes the columns of one parallel task (64 columns from `task * 64`) for every row,
+    /// column-major into `out`.
+    fn run_task(
+        &self,
+        task: usize,
+        activations: &QuantizedRows,
+        kernel: Kernel,
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = self.in_features / BLOCK;
+        let first = task * COLUMNS_PER_TASK;
+        for (offset, column_out) in out.chunks_exact_mut(rows).enumerate() {
+            let column = self.column(first + offset);
+            kernel.column(column, activations, blocks, column_out);
         }
-        out
+        if let Layout::Q4 { mins, .. } = &self.layout {
+            let mins = &mins[task * blocks * COLUMNS_PER_TASK..][..blocks * COLUMNS_PER_TASK];
+            kernel.add_offsets(mins, &activations.sums, blocks, rows, out);
+        }
     }
 }
 
@@ -660,6 +702,26 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matmul_many_equals_separate_calls() {
+        let shapes = [(130, 96), (64, 96), (7, 96)];
+        let matrices: Vec<QuantMatrix> = shapes
+            .iter()
+            .zip(TYPES)
+            .map(|(&(out, input), dtype)| {
+                let q = QTensor::quantize(&random(out, input, out as u64), dtype).unwrap();
+                QuantMatrix::from_qtensor(&q).unwrap()
+            })
+            .collect();
+        let x = host(&random(6, 96, 10));
+        let refs: Vec<&QuantMatrix> = matrices.iter().collect();
+        let together = QuantMatrix::matmul_many(&refs, &x, 6);
+        assert_eq!(together.len(), 3);
+        for (matrix, output) in matrices.iter().zip(&together) {
+            assert_eq!(output[..], matrix.matmul(&x, 6)[..]);
         }
     }
 

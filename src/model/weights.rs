@@ -119,6 +119,38 @@ impl Linear {
         })
     }
 
+    /// Applies several layers to the same input, such as q, k and v. When all of them use the
+    /// batched kernel and have no bias, one [`QuantMatrix::matmul_many`] call serves them all.
+    /// Otherwise each layer runs on its own. The results equal [`Linear::forward`]'s either way.
+    pub fn forward_many(linears: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        let matrices: Option<Vec<&QuantMatrix>> = linears
+            .iter()
+            .map(|linear| match (&linear.weight, &linear.bias) {
+                (LinearWeight::Batched(matrix), None) => Some(matrix.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let shared_input = |m: &Vec<&QuantMatrix>| {
+            m.len() > 1 && m.iter().all(|q| q.in_features() == m[0].in_features())
+        };
+        let Some(matrices) = matrices.filter(shared_input) else {
+            return linears.iter().map(|linear| linear.forward(x)).collect();
+        };
+        let (rows, _) = x.dims2()?;
+        let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        QuantMatrix::matmul_many(&matrices, &host, rows)
+            .into_iter()
+            .zip(linears)
+            .map(|(out, linear)| {
+                Ok(Tensor::from_vec(
+                    out,
+                    (rows, linear.out_features),
+                    x.device(),
+                )?)
+            })
+            .collect()
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
