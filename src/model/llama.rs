@@ -569,8 +569,8 @@ fn project(
     add_lora(y, index, projection, x, lora)
 }
 
-/// Like [`project`] for several projections of the same input, whose base matmuls share one
-/// call to the kernels.
+/// Applies several projections to the same input, as [`project`] does for one. Their base
+/// matmuls share one call to the kernels.
 fn project_many<const N: usize>(
     layer: &DecoderLayer,
     index: usize,

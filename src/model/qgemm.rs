@@ -200,7 +200,7 @@ impl QuantMatrix {
         Self::matmul_many(&[self], x, rows).remove(0)
     }
 
-    /// `x·Wᵀ` for several matrices with the same input width, such as q, k and v. The
+    /// Computes `x·Wᵀ` for several matrices with the same input width, such as q, k and v. The
     /// activations are quantised once and all columns go through one parallel loop, so the
     /// pool is entered once. Each output is bit-identical to [`QuantMatrix::matmul`]'s.
     ///
@@ -270,7 +270,7 @@ impl QuantMatrix {
     }
 }
 
-/// Index of the minimum of `column`'s `block` in the grouped layout of [`Layout::Q4`].
+/// Returns the index of `column`'s minimum for `block` in the grouped layout of [`Layout::Q4`].
 fn min_index(column: usize, block: usize, blocks: usize) -> usize {
     let (group, lane) = (column / COLUMNS_PER_TASK, column % COLUMNS_PER_TASK);
     (group * blocks + block) * COLUMNS_PER_TASK + lane
@@ -391,7 +391,8 @@ impl Kernel {
     }
 }
 
-/// `out[row] = Σ_blocks dw · dx · (qw · qx)`. The 4-bit offset is added by [`Kernel::add_offsets`].
+/// Computes `out[row] = Σ_blocks dw · dx · (qw · qx)`. [`Kernel::add_offsets`] adds the 4-bit
+/// offset.
 fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize, out: &mut [f32]) {
     let in_features = blocks * BLOCK;
     for (row, value) in out.iter_mut().enumerate() {
@@ -570,7 +571,7 @@ mod avx2 {
         }
     }
 
-    /// [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
+    /// Runs [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -611,6 +612,14 @@ mod tests {
         Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    /// Returns [`random`] weights with a different offset per output row, so that a 4-bit
+    /// minimum applied to the wrong column shows.
+    fn shifted_random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let shifts: Vec<f32> = (0..rows).map(|row| (row % 7) as f32 - 3.0).collect();
+        let shifts = Tensor::from_vec(shifts, (rows, 1), &Device::Cpu).unwrap();
+        random(rows, cols, seed).broadcast_add(&shifts).unwrap()
+    }
+
     fn host(x: &Tensor) -> Vec<f32> {
         x.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -634,13 +643,7 @@ mod tests {
     fn matches_dequantized_reference() {
         for dtype in TYPES {
             for (out_features, in_features) in [(64, 32), (96, 576), (200, 1536), (7, 64)] {
-                // A different offset per output row, so that a 4-bit minimum applied to the
-                // wrong column shows.
-                let shifts: Vec<f32> = (0..out_features).map(|c| (c % 7) as f32 - 3.0).collect();
-                let shifts = Tensor::from_vec(shifts, (out_features, 1), &Device::Cpu).unwrap();
-                let weight = random(out_features, in_features, 1)
-                    .broadcast_add(&shifts)
-                    .unwrap();
+                let weight = shifted_random(out_features, in_features, 1);
                 let q = QTensor::quantize(&weight, dtype).unwrap();
                 let matrix = QuantMatrix::from_qtensor(&q).unwrap();
                 let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
@@ -671,13 +674,7 @@ mod tests {
     fn matches_rounded_activations() {
         for dtype in TYPES {
             let (out_features, in_features, rows) = (200, 576, 5);
-            // A different offset per output row, so that a 4-bit minimum applied to the wrong
-            // column shows.
-            let shifts: Vec<f32> = (0..out_features).map(|c| (c % 7) as f32 - 3.0).collect();
-            let shifts = Tensor::from_vec(shifts, (out_features, 1), &Device::Cpu).unwrap();
-            let weight = random(out_features, in_features, 8)
-                .broadcast_add(&shifts)
-                .unwrap();
+            let weight = shifted_random(out_features, in_features, 8);
             let q = QTensor::quantize(&weight, dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap();
             let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
