@@ -165,7 +165,10 @@ impl Engine {
                 }
             }
             if self.scheduler.has_work() {
-                self.step();
+                // The step runs on a worker of the compute pool. Its kernels then split work
+                // among the workers directly, instead of handing every parallel call over from
+                // this thread and blocking on its completion (about 150 hand-offs per step).
+                rayon::scope(|_| self.step());
             }
             self.publish();
         }
