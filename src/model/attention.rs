@@ -61,6 +61,7 @@ pub(crate) fn attend(
         token_row[span.offset..span.offset + span.len].fill(row);
     }
     let mut out = vec![0f32; shape.tokens * shape.heads * hd];
+    let wide = Wide::detect();
     out.par_chunks_mut(hd)
         .enumerate()
         .for_each_init(Vec::new, |scores, (item, out)| {
@@ -68,39 +69,110 @@ pub(crate) fn attend(
             let head = item % shape.heads;
             let row = token_row[token];
             let span = &spans[row];
-            let position = span.past + (token - span.offset);
-            let kv_head = head / group;
-            let (keys, values) = caches[row];
-            let query = &q[(head * shape.tokens + token) * hd..][..hd];
-            let stride = shape.kv_heads * hd;
-
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..=position {
-                let key = &keys[p * stride + kv_head * hd..][..hd];
-                let score = dot(query, key) * scale;
-                max = max.max(score);
-                scores.push(score);
-            }
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            let inverse = 1.0 / sum;
-            for (p, &weight) in scores.iter().enumerate() {
-                let value = &values[p * stride + kv_head * hd..][..hd];
-                let weight = weight * inverse;
-                for (o, &v) in out.iter_mut().zip(value) {
-                    *o += weight * v;
-                }
-            }
+            let item = Item {
+                query: &q[(head * shape.tokens + token) * hd..][..hd],
+                kv_head: head / group,
+                position: span.past + (token - span.offset),
+                caches: caches[row],
+                scale,
+            };
+            wide.attend_one(&item, shape, scores, out);
         });
     out
 }
 
+/// One (token, head) output of [`attend`].
+struct Item<'a> {
+    query: &'a [f32],
+    kv_head: usize,
+    /// The token's position; it attends to positions `0..=position`.
+    position: usize,
+    caches: (&'a [f32], &'a [f32]),
+    scale: f32,
+}
+
+/// Whether the CPU runs 256-bit vector code. The compiler vectorises [`attend_one`] either
+/// way. With AVX2 its vectors are twice as wide, but every lane does the same operations in
+/// the same order, so the results are identical.
+#[derive(Clone, Copy)]
+enum Wide {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Wide {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                return Self::Avx2;
+            }
+        }
+        Self::Baseline
+    }
+
+    fn attend_one(
+        self,
+        item: &Item<'_>,
+        shape: AttentionShape,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        match self {
+            Self::Baseline => attend_one(item, shape, scores, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2.
+            Self::Avx2 => unsafe { attend_one_avx2(item, shape, scores, out) },
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_one_avx2(
+    item: &Item<'_>,
+    shape: AttentionShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_one(item, shape, scores, out);
+}
+
+/// Softmax attention of one query head over its row's cache, added into `out`.
+#[inline(always)]
+fn attend_one(item: &Item<'_>, shape: AttentionShape, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = shape.head_dim;
+    let stride = shape.kv_heads * hd;
+    let (keys, values) = item.caches;
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..=item.position {
+        let key = &keys[p * stride + item.kv_head * hd..][..hd];
+        let score = dot(item.query, key) * item.scale;
+        max = max.max(score);
+        scores.push(score);
+    }
+    let mut sum = 0f32;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        sum += *score;
+    }
+    let inverse = 1.0 / sum;
+    for (p, &weight) in scores.iter().enumerate() {
+        let value = &values[p * stride + item.kv_head * hd..][..hd];
+        let weight = weight * inverse;
+        for (o, &v) in out.iter_mut().zip(value) {
+            *o += weight * v;
+        }
+    }
+}
+
 /// Computes a dot product with eight partial sums, which the compiler keeps in one SIMD
 /// register. The summation order depends only on the length, so results do not depend on the batch.
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0f32; 8];
     let chunks = a.len() / 8;
