@@ -199,13 +199,13 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.num_layers
             )));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
                 "head dimension {} must be even for rotary embeddings",
                 self.head_dim

@@ -4,15 +4,22 @@
 //!
 //! On SmolLM2's shapes, candle 0.11's quantised matmul cost about as much per row at 16 rows as
 //! at one (measured: `docs/benchmarks.md`). Here the weight matrix `(out, in)` is walked once.
-//! Every block of 32 weights is loaded (and, for 4-bit types, unpacked) once and multiplied with
-//! the matching blocks of up to four activation rows while it sits in registers. Activations are
-//! quantised per block of 32 to int8, as llama.cpp does: Q8_0 weights meet Q8_0 activations and
-//! 4-bit weights meet Q8_1-style activations, whose block sums carry the weights' offset. That
-//! offset term is added after the integer loop, for 64 output columns at a time.
+//! Activations are quantised per block of 32 to int8, as llama.cpp does: Q8_0 weights meet
+//! Q8_0 activations and 4-bit weights meet Q8_1-style activations, whose block sums carry the
+//! weights' offset. That offset term is added after the integer loop, for 64 output columns at
+//! a time.
 //!
-//! Each output element is computed by the same instruction sequence, in the same order, whether
-//! its row is alone or in a batch, so results are bit-identical across batch compositions.
-//! The SIMD path is chosen at run time (AVX2 on x86-64); other CPUs use the scalar path.
+//! The weights are repacked at load into panels of eight output columns. Within a panel and a
+//! block, the four weights of each column that meet activations `4k..4k+4` sit side by side,
+//! so one 32-byte vector contains them for all eight columns. A kernel broadcasts four activation
+//! bytes at a time and multiplies them with that vector, which yields the eight columns' dot
+//! products in one register, without horizontal sums. Each panel block is loaded once and
+//! used for up to four rows.
+//!
+//! Each output is a sum over blocks of `exact integer dot · (weight scale · activation scale)`,
+//! accumulated block by block in f32 with separate multiplies and adds. The integer dot is
+//! exact on every path, so the scalar, AVX2 and AVX-512 VNNI kernels give bit-identical
+//! results, whatever the batch around a row. The SIMD path is chosen at run time.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -26,19 +33,25 @@ const Q8_0_BYTES: usize = 2 + BLOCK;
 const Q4_0_BYTES: usize = 2 + BLOCK / 2;
 /// Bytes of one Q4_1 block in GGUF: an f16 scale, an f16 minimum and 32 packed 4-bit values.
 const Q4_1_BYTES: usize = 4 + BLOCK / 2;
+/// Output columns per panel: one f32 vector of 256 bits.
+const PANEL: usize = 8;
 /// Output columns per parallel task.
 const COLUMNS_PER_TASK: usize = 64;
+/// Rows that share one load of a panel block.
+const TILE: usize = 4;
 
-/// The weights of a [`QuantMatrix`], one scale per block of 32 in every layout.
+/// The weights of a [`QuantMatrix`] in panels of eight columns (the last one zero-padded),
+/// one scale per block of 32 in every layout.
 #[derive(Debug)]
 enum Layout {
-    /// `w = scale · q` with `q` in int8: `(out, in)` values.
+    /// `w = scale · q` with `q` in int8: `(panels, blocks, 8 groups, 8 columns, 4)` values,
+    /// where group `k` contains elements `4k..4k+4` of the block.
     Q8 { values: Vec<i8> },
-    /// `w = scale · q + min` with `q` in `0..16`: `(out, in / 2)` bytes, where byte `j` of a
-    /// block holds element `j` in its low nibble and element `j + 16` in its high nibble (the
-    /// GGUF order). Q4_0 is stored with `min = −8 · scale`. The minimums are grouped by
-    /// parallel task: `(⌈out / 64⌉, in / 32, 64)`, zero-padded, so the offset pass reads 64
-    /// columns of one block contiguously.
+    /// `w = scale · q + min` with `q` in `0..16`: `(panels, blocks, 4 groups, 8 columns, 4)`
+    /// bytes. GGUF packs element `j` of a block in the low nibble of byte `j` and element
+    /// `j + 16` in its high nibble, and group `k` contains bytes `4k..4k+4`. Q4_0 is stored with
+    /// `min = −8 · scale`. The minimums are grouped by parallel task: `(⌈out / 64⌉, in / 32,
+    /// 64)`, zero-padded, so the offset pass reads 64 columns of one block contiguously.
     Q4 { nibbles: Vec<u8>, mins: Vec<f32> },
 }
 
@@ -47,22 +60,24 @@ enum Layout {
 pub struct QuantMatrix {
     out_features: usize,
     in_features: usize,
-    /// `(out, in / 32)` scales.
+    /// `(panels, in / 32, 8)` scales.
     scales: Vec<f32>,
     layout: Layout,
 }
 
 /// Activations quantised per block: `(rows, in)` int8 values, `(rows, in / 32)` scales, and
-/// `(rows, in / 32)` block sums `scale · Σ q` for the 4-bit layouts' offsets.
+/// `(rows, in / 32)` block sums, as integers and as `scale · Σ q` for the 4-bit offsets.
 struct QuantizedRows {
     values: Vec<i8>,
     scales: Vec<f32>,
+    int_sums: Vec<i32>,
     sums: Vec<f32>,
 }
 
-/// The weights of one output column, borrowed from a [`QuantMatrix`].
+/// The weights of one panel, borrowed from a [`QuantMatrix`]: `blocks · 256` values or
+/// `blocks · 128` packed bytes, and `(blocks, 8)` scales.
 #[derive(Clone, Copy)]
-enum Column<'a> {
+enum Panel<'a> {
     Q8 {
         values: &'a [i8],
         scales: &'a [f32],
@@ -77,11 +92,26 @@ fn f16_at(bytes: &[u8], offset: usize) -> f32 {
     f16::from_le_bytes([bytes[offset], bytes[offset + 1]]).to_f32()
 }
 
+/// Index, in a panel layout, of byte `byte` (0..4) of group `group` of `column`'s block
+/// `block`, for blocks of `groups` groups.
+fn panel_index(
+    column: usize,
+    block: usize,
+    group: usize,
+    byte: usize,
+    blocks: usize,
+    groups: usize,
+) -> usize {
+    let (panel, lane) = (column / PANEL, column % PANEL);
+    (((panel * blocks + block) * groups + group) * PANEL + lane) * 4 + byte
+}
+
 impl QuantMatrix {
     /// Converts a Q8_0, Q4_0 or Q4_1 tensor; `None` for other types or an inner size that is
     /// not a multiple of 32.
     pub fn from_qtensor(tensor: &QTensor) -> Option<Self> {
-        let block_bytes = match tensor.dtype() {
+        let dtype = tensor.dtype();
+        let block_bytes = match dtype {
             GgmlDType::Q8_0 => Q8_0_BYTES,
             GgmlDType::Q4_0 => Q4_0_BYTES,
             GgmlDType::Q4_1 => Q4_1_BYTES,
@@ -92,39 +122,45 @@ impl QuantMatrix {
             return None;
         }
         let data = tensor.data().ok()?;
-        let blocks = out_features * in_features / BLOCK;
-        if data.len() != blocks * block_bytes {
+        let blocks = in_features / BLOCK;
+        if data.len() != out_features * blocks * block_bytes {
             return None;
         }
-        let mut scales = Vec::with_capacity(blocks);
-        let layout = match tensor.dtype() {
-            GgmlDType::Q8_0 => {
-                let mut values = Vec::with_capacity(out_features * in_features);
-                for block in data.chunks_exact(Q8_0_BYTES) {
-                    scales.push(f16_at(block, 0));
-                    values.extend(block[2..].iter().map(|&b| b as i8));
+        let padded = out_features.next_multiple_of(PANEL);
+        let mut scales = vec![0f32; padded * blocks];
+        let scale_index = |column: usize, block: usize| {
+            ((column / PANEL) * blocks + block) * PANEL + column % PANEL
+        };
+        let layout = if dtype == GgmlDType::Q8_0 {
+            let mut values = vec![0i8; padded * in_features];
+            for (index, bytes) in data.chunks_exact(Q8_0_BYTES).enumerate() {
+                let (column, block) = (index / blocks, index % blocks);
+                scales[scale_index(column, block)] = f16_at(bytes, 0);
+                for (element, &q) in bytes[2..].iter().enumerate() {
+                    let at = panel_index(column, block, element / 4, element % 4, blocks, 8);
+                    values[at] = q as i8;
                 }
-                Layout::Q8 { values }
             }
-            dtype => {
-                let header = block_bytes - BLOCK / 2;
-                let row_blocks = in_features / BLOCK;
-                let groups = out_features.div_ceil(COLUMNS_PER_TASK);
-                let mut nibbles = Vec::with_capacity(out_features * in_features / 2);
-                let mut mins = vec![0f32; groups * row_blocks * COLUMNS_PER_TASK];
-                for (index, block) in data.chunks_exact(block_bytes).enumerate() {
-                    let scale = f16_at(block, 0);
-                    scales.push(scale);
-                    let (column, block_index) = (index / row_blocks, index % row_blocks);
-                    mins[min_index(column, block_index, row_blocks)] = if dtype == GgmlDType::Q4_1 {
-                        f16_at(block, 2)
-                    } else {
-                        -8.0 * scale
-                    };
-                    nibbles.extend_from_slice(&block[header..]);
+            Layout::Q8 { values }
+        } else {
+            let header = block_bytes - BLOCK / 2;
+            let tasks = out_features.div_ceil(COLUMNS_PER_TASK);
+            let mut nibbles = vec![0u8; padded * in_features / 2];
+            let mut mins = vec![0f32; tasks * blocks * COLUMNS_PER_TASK];
+            for (index, bytes) in data.chunks_exact(block_bytes).enumerate() {
+                let (column, block) = (index / blocks, index % blocks);
+                let scale = f16_at(bytes, 0);
+                scales[scale_index(column, block)] = scale;
+                mins[min_index(column, block, blocks)] = if dtype == GgmlDType::Q4_1 {
+                    f16_at(bytes, 2)
+                } else {
+                    -8.0 * scale
+                };
+                for (byte, &packed) in bytes[header..].iter().enumerate() {
+                    nibbles[panel_index(column, block, byte / 4, byte % 4, blocks, 4)] = packed;
                 }
-                Layout::Q4 { nibbles, mins }
             }
+            Layout::Q4 { nibbles, mins }
         };
         Some(Self {
             out_features,
@@ -144,7 +180,7 @@ impl QuantMatrix {
         self.in_features
     }
 
-    /// Bytes of weight data held, scales included.
+    /// Bytes of weight data held, scales and padding included.
     pub fn weight_bytes(&self) -> usize {
         let layout = match &self.layout {
             Layout::Q8 { values } => values.len(),
@@ -153,16 +189,16 @@ impl QuantMatrix {
         layout + 4 * self.scales.len()
     }
 
-    fn column(&self, column: usize) -> Column<'_> {
+    fn panel(&self, panel: usize) -> Panel<'_> {
         let blocks = self.in_features / BLOCK;
-        let scales = &self.scales[column * blocks..][..blocks];
+        let scales = &self.scales[panel * blocks * PANEL..][..blocks * PANEL];
         match &self.layout {
-            Layout::Q8 { values } => Column::Q8 {
-                values: &values[column * self.in_features..][..self.in_features],
+            Layout::Q8 { values } => Panel::Q8 {
+                values: &values[panel * blocks * 256..][..blocks * 256],
                 scales,
             },
-            Layout::Q4 { nibbles, .. } => Column::Q4 {
-                nibbles: &nibbles[column * self.in_features / 2..][..self.in_features / 2],
+            Layout::Q4 { nibbles, .. } => Panel::Q4 {
+                nibbles: &nibbles[panel * blocks * 128..][..blocks * 128],
                 scales,
             },
         }
@@ -170,24 +206,30 @@ impl QuantMatrix {
 
     /// Returns the weights as dense f32, `(out, in)` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.out_features * self.in_features);
         let blocks = self.in_features / BLOCK;
+        let mut out = Vec::with_capacity(self.out_features * self.in_features);
         for column in 0..self.out_features {
-            match self.column(column) {
-                Column::Q8 { values, scales } => {
-                    for (block, values) in values.chunks_exact(BLOCK).enumerate() {
-                        out.extend(values.iter().map(|&q| q as f32 * scales[block]));
-                    }
-                }
-                Column::Q4 { nibbles, scales } => {
-                    let Layout::Q4 { mins, .. } = &self.layout else {
-                        unreachable!("a Q4 column comes from the Q4 layout")
-                    };
-                    for (block, bytes) in nibbles.chunks_exact(BLOCK / 2).enumerate() {
+            for block in 0..blocks {
+                let scale =
+                    self.scales[((column / PANEL) * blocks + block) * PANEL + column % PANEL];
+                match &self.layout {
+                    Layout::Q8 { values } => out.extend((0..BLOCK).map(|element| {
+                        let at = panel_index(column, block, element / 4, element % 4, blocks, 8);
+                        values[at] as f32 * scale
+                    })),
+                    Layout::Q4 { nibbles, mins } => {
                         let min = mins[min_index(column, block, blocks)];
-                        let value = |q: u8| q as f32 * scales[block] + min;
-                        out.extend(bytes.iter().map(|&b| value(b & 0x0F)));
-                        out.extend(bytes.iter().map(|&b| value(b >> 4)));
+                        out.extend((0..BLOCK).map(|element| {
+                            let byte = element % 16;
+                            let packed =
+                                nibbles[panel_index(column, block, byte / 4, byte % 4, blocks, 4)];
+                            let q = if element < 16 {
+                                packed & 0x0F
+                            } else {
+                                packed >> 4
+                            };
+                            q as f32 * scale + min
+                        }));
                     }
                 }
             }
@@ -207,6 +249,15 @@ impl QuantMatrix {
     /// # Panics
     /// If `matrices` is empty or their input widths differ.
     pub fn matmul_many(matrices: &[&QuantMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        Self::matmul_many_with(Kernel::detect(), matrices, x, rows)
+    }
+
+    fn matmul_many_with(
+        kernel: Kernel,
+        matrices: &[&QuantMatrix],
+        x: &[f32],
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
         let in_features = matrices[0].in_features;
         assert!(
             matrices.iter().all(|m| m.in_features == in_features),
@@ -214,17 +265,17 @@ impl QuantMatrix {
         );
         debug_assert_eq!(x.len(), rows * in_features);
         let activations = quantize_rows(x, rows, in_features);
-        let kernel = Kernel::detect();
-        // Computed column-major so each task owns a contiguous slice, then transposed.
-        let mut transposed: Vec<Vec<f32>> = matrices
+        // Each task writes its 64 columns, row-major, into a slice of its own.
+        let task_len = COLUMNS_PER_TASK * rows;
+        let mut scratch: Vec<Vec<f32>> = matrices
             .iter()
-            .map(|m| vec![0f32; m.out_features * rows])
+            .map(|m| vec![0f32; m.out_features.div_ceil(COLUMNS_PER_TASK) * task_len])
             .collect();
         let tasks: Vec<(&QuantMatrix, usize, &mut [f32])> = matrices
             .iter()
-            .zip(&mut transposed)
+            .zip(&mut scratch)
             .flat_map(|(&matrix, out)| {
-                out.chunks_mut(COLUMNS_PER_TASK * rows)
+                out.chunks_mut(task_len)
                     .enumerate()
                     .map(move |(task, chunk)| (matrix, task, chunk))
             })
@@ -234,12 +285,15 @@ impl QuantMatrix {
         });
         matrices
             .iter()
-            .zip(&transposed)
-            .map(|(matrix, transposed)| {
-                let mut out = vec![0f32; rows * matrix.out_features];
-                for (column, values) in transposed.chunks_exact(rows).enumerate() {
-                    for (row, &value) in values.iter().enumerate() {
-                        out[row * matrix.out_features + column] = value;
+            .zip(&scratch)
+            .map(|(matrix, scratch)| {
+                let width = matrix.out_features;
+                let mut out = vec![0f32; rows * width];
+                for (task, chunk) in scratch.chunks_exact(task_len).enumerate() {
+                    let first = task * COLUMNS_PER_TASK;
+                    let columns = (width - first).min(COLUMNS_PER_TASK);
+                    for (row, values) in chunk.chunks_exact(COLUMNS_PER_TASK).enumerate() {
+                        out[row * width + first..][..columns].copy_from_slice(&values[..columns]);
                     }
                 }
                 out
@@ -247,8 +301,8 @@ impl QuantMatrix {
             .collect()
     }
 
-    /// Computes the columns of one parallel task (64 columns from `task * 64`) for every row,
-    /// column-major into `out`.
+    /// Computes the columns of one parallel task (64 columns from `task * 64`, zero-padded
+    /// panels included) for every row into `out`, `(rows, 64)` row-major.
     fn run_task(
         &self,
         task: usize,
@@ -258,10 +312,18 @@ impl QuantMatrix {
         out: &mut [f32],
     ) {
         let blocks = self.in_features / BLOCK;
-        let first = task * COLUMNS_PER_TASK;
-        for (offset, column_out) in out.chunks_exact_mut(rows).enumerate() {
-            let column = self.column(first + offset);
-            kernel.column(column, activations, blocks, column_out);
+        let first_panel = task * COLUMNS_PER_TASK / PANEL;
+        let panels =
+            (self.out_features.div_ceil(PANEL) - first_panel).min(COLUMNS_PER_TASK / PANEL);
+        for local in 0..panels {
+            let panel = self.panel(first_panel + local);
+            let mut start = 0;
+            while start < rows {
+                let count = (rows - start).min(TILE);
+                let out = &mut out[start * COLUMNS_PER_TASK + local * PANEL..];
+                kernel.tile(panel, activations, blocks, start, count, out);
+                start += count;
+            }
         }
         if let Layout::Q4 { mins, .. } = &self.layout {
             let mins = &mins[task * blocks * COLUMNS_PER_TASK..][..blocks * COLUMNS_PER_TASK];
@@ -276,8 +338,8 @@ fn min_index(column: usize, block: usize, blocks: usize) -> usize {
     (group * blocks + block) * COLUMNS_PER_TASK + lane
 }
 
-/// Adds the 4-bit offset term `Σ_blocks min · sum_x` to one task's column-major outputs
-/// (`(columns, rows)`, at most 64 columns). `mins` is the task's `(blocks, 64)` slice.
+/// Adds the 4-bit offset term `Σ_blocks min · sum_x` to one task's outputs (`(rows, 64)`
+/// row-major). `mins` is the task's `(blocks, 64)` slice.
 ///
 /// Each column is summed in the order of [`crate::model::attention::dot`]: eight partial sums
 /// over blocks `b mod 8`, added in order, then the remaining blocks one by one, each with a
@@ -287,7 +349,6 @@ fn min_index(column: usize, block: usize, blocks: usize) -> usize {
 #[inline(always)]
 fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, out: &mut [f32]) {
     const LANES: usize = 8;
-    let columns = out.len() / rows;
     let full = blocks / LANES * LANES;
     for row in 0..rows {
         let row_sums = &sums[row * blocks..][..blocks];
@@ -310,8 +371,9 @@ fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, o
                 *offset += min * sum;
             }
         }
-        for (column, offset) in offsets.iter().take(columns).enumerate() {
-            out[column * rows + row] += offset;
+        let row_out = &mut out[row * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
+        for (value, offset) in row_out.iter_mut().zip(&offsets) {
+            *value += offset;
         }
     }
 }
@@ -321,6 +383,7 @@ fn quantize_rows(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
     let blocks = in_features / BLOCK;
     let mut values = vec![0i8; rows * in_features];
     let mut scales = vec![0f32; rows * blocks];
+    let mut int_sums = vec![0i32; rows * blocks];
     let mut sums = vec![0f32; rows * blocks];
     for (index, (chunk, out)) in x
         .chunks_exact(BLOCK)
@@ -336,46 +399,76 @@ fn quantize_rows(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
             total += *o as i32;
         }
         scales[index] = scale;
+        int_sums[index] = total;
         sums[index] = scale * total as f32;
     }
     QuantizedRows {
         values,
         scales,
+        int_sums,
         sums,
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                return Self::Vnni;
+            }
+            if is_x86_feature_detected!("avx2") {
                 return Self::Avx2;
             }
         }
         Self::Scalar
     }
 
-    /// Computes one output column for every row of `activations`.
-    fn column(
+    /// Returns every kernel this CPU can run, the scalar one first.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut kernels = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                kernels.push(Self::Avx2);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                kernels.push(Self::Vnni);
+            }
+        }
+        kernels
+    }
+
+    /// Computes one panel for `count` (at most 4) rows from `start`. Row `r`'s eight outputs
+    /// go to `out[r * 64..][..8]`.
+    fn tile(
         self,
-        column: Column<'_>,
+        panel: Panel<'_>,
         activations: &QuantizedRows,
         blocks: usize,
+        start: usize,
+        count: usize,
         out: &mut [f32],
     ) {
         match self {
-            Self::Scalar => column_scalar(column, activations, blocks, out),
+            Self::Scalar => tile_scalar(panel, activations, blocks, start, count, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2 and FMA.
-            Self::Avx2 => unsafe { avx2::column(column, activations, blocks, out) },
+            // SAFETY: `detect` and `available` return Avx2 only after checking the CPU for it.
+            Self::Avx2 => unsafe { simd::tile_avx2(panel, activations, blocks, start, count, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` and `available` return Vnni only after checking the CPU for
+            // AVX-512 VNNI and VL.
+            Self::Vnni => unsafe { simd::tile_vnni(panel, activations, blocks, start, count, out) },
         }
     }
 
@@ -385,110 +478,233 @@ impl Kernel {
         match self {
             Self::Scalar => add_offsets_generic(mins, sums, blocks, rows, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2 and FMA.
-            Self::Avx2 => unsafe { avx2::add_offsets(mins, sums, blocks, rows, out) },
+            // SAFETY: both SIMD kernels are chosen only on CPUs with AVX2.
+            Self::Avx2 | Self::Vnni => unsafe { simd::add_offsets(mins, sums, blocks, rows, out) },
         }
     }
 }
 
-/// Computes `out[row] = Σ_blocks dw · dx · (qw · qx)`. [`Kernel::add_offsets`] adds the 4-bit
-/// offset.
-fn column_scalar(column: Column<'_>, activations: &QuantizedRows, blocks: usize, out: &mut [f32]) {
+/// Computes one panel for `count` rows from `start`: for each block, the exact integer dot
+/// products of the eight columns, times `weight scale · activation scale`, added to the sums.
+/// The SIMD kernels perform the same f32 operations in the same order.
+fn tile_scalar(
+    panel: Panel<'_>,
+    activations: &QuantizedRows,
+    blocks: usize,
+    start: usize,
+    count: usize,
+    out: &mut [f32],
+) {
     let in_features = blocks * BLOCK;
-    for (row, value) in out.iter_mut().enumerate() {
-        let x = &activations.values[row * in_features..][..in_features];
-        let x_scales = &activations.scales[row * blocks..][..blocks];
-        let mut sum = 0f32;
+    for row in start..start + count {
+        let mut acc = [0f32; PANEL];
         for block in 0..blocks {
-            let a = &x[block * BLOCK..][..BLOCK];
-            match column {
-                Column::Q8 { values, scales } => {
-                    let w = &values[block * BLOCK..][..BLOCK];
-                    let dot: i32 = w.iter().zip(a).map(|(&w, &a)| w as i32 * a as i32).sum();
-                    sum += scales[block] * x_scales[block] * dot as f32;
+            let x = &activations.values[row * in_features + block * BLOCK..][..BLOCK];
+            let x_scale = activations.scales[row * blocks + block];
+            for (lane, sum) in acc.iter_mut().enumerate() {
+                let mut dot = 0i32;
+                for (element, &a) in x.iter().enumerate() {
+                    let w = match panel {
+                        Panel::Q8 { values, .. } => {
+                            values[((block * 8 + element / 4) * PANEL + lane) * 4 + element % 4]
+                                as i32
+                        }
+                        Panel::Q4 { nibbles, .. } => {
+                            let byte = element % 16;
+                            let packed =
+                                nibbles[((block * 4 + byte / 4) * PANEL + lane) * 4 + byte % 4];
+                            (if element < 16 {
+                                packed & 0x0F
+                            } else {
+                                packed >> 4
+                            }) as i32
+                        }
+                    };
+                    dot += w * a as i32;
                 }
-                Column::Q4 { nibbles, scales } => {
-                    let bytes = &nibbles[block * BLOCK / 2..][..BLOCK / 2];
-                    let (low, high) = a.split_at(BLOCK / 2);
-                    let dot: i32 = bytes
-                        .iter()
-                        .zip(low.iter().zip(high))
-                        .map(|(&b, (&l, &h))| {
-                            (b & 0x0F) as i32 * l as i32 + (b >> 4) as i32 * h as i32
-                        })
-                        .sum();
-                    sum += scales[block] * x_scales[block] * dot as f32;
-                }
+                let scales = match panel {
+                    Panel::Q8 { scales, .. } | Panel::Q4 { scales, .. } => scales,
+                };
+                *sum += dot as f32 * (scales[block * PANEL + lane] * x_scale);
             }
         }
-        *value = sum;
+        out[(row - start) * COLUMNS_PER_TASK..][..PANEL].copy_from_slice(&acc);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    use super::{add_offsets_generic, Column, QuantizedRows, BLOCK};
+    use super::{add_offsets_generic, Panel, QuantizedRows, BLOCK, COLUMNS_PER_TASK, PANEL};
 
-    /// Rows processed together; their accumulators and one weight block fit in registers.
-    const TILE: usize = 4;
-
+    /// Loads the four bytes of activations `4 · group..` of a block and repeats them in every
+    /// 32-bit lane.
+    ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn column(
-        column: Column<'_>,
-        activations: &QuantizedRows,
-        blocks: usize,
-        out: &mut [f32],
-    ) {
-        let rows = out.len();
-        let mut start = 0;
-        while start < rows {
-            let count = (rows - start).min(TILE);
-            // SAFETY: AVX2 and FMA are enabled for this function; slices are in bounds.
-            unsafe {
-                match count {
-                    4 => tile::<4>(column, activations, blocks, start, out),
-                    3 => tile::<3>(column, activations, blocks, start, out),
-                    2 => tile::<2>(column, activations, blocks, start, out),
-                    _ => tile::<1>(column, activations, blocks, start, out),
-                }
-            }
-            start += count;
-        }
+    /// `block` must point to at least 32 readable bytes.
+    #[inline(always)]
+    unsafe fn broadcast_group(block: *const i8, group: usize) -> __m256i {
+        // SAFETY: the caller guarantees 32 readable bytes; `group < 8`.
+        unsafe { _mm256_set1_epi32((block.add(group * 4) as *const i32).read_unaligned()) }
     }
 
-    /// Computes `R` rows starting at `start` with the kernel for the column's layout.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(
-        column: Column<'_>,
-        activations: &QuantizedRows,
-        blocks: usize,
-        start: usize,
-        out: &mut [f32],
-    ) {
-        // SAFETY: the caller enables AVX2 and FMA and passes rows in bounds.
+    /// Eight vectors with the panel's weights of one block, group `k` in vector `k`: unsigned
+    /// nibbles for 4-bit panels, int8 values for Q8_0.
+    ///
+    /// # Safety
+    /// AVX2 must be available, and `block` must be below the panel's block count.
+    #[inline(always)]
+    unsafe fn load_block(panel: Panel<'_>, block: usize) -> [__m256i; 8] {
+        // SAFETY: a panel holds `blocks · 256` values or `blocks · 128` bytes.
         unsafe {
-            match column {
-                Column::Q8 { values, scales } => {
-                    q8_tile::<R>(values, scales, activations, blocks, start, out)
+            match panel {
+                Panel::Q8 { values, .. } => {
+                    let base = values.as_ptr().add(block * 256) as *const __m256i;
+                    std::array::from_fn(|group| _mm256_loadu_si256(base.add(group)))
                 }
-                Column::Q4 { nibbles, scales } => {
-                    q4_tile::<R>(nibbles, scales, activations, blocks, start, out)
+                Panel::Q4 { nibbles, .. } => {
+                    let base = nibbles.as_ptr().add(block * 128) as *const __m256i;
+                    let mask = _mm256_set1_epi8(0x0F);
+                    let packed: [__m256i; 4] =
+                        std::array::from_fn(|group| _mm256_loadu_si256(base.add(group)));
+                    std::array::from_fn(|group| {
+                        if group < 4 {
+                            _mm256_and_si256(packed[group], mask)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16(packed[group - 4], 4), mask)
+                        }
+                    })
                 }
             }
         }
     }
 
-    /// `R` Q8_0 rows starting at `start`. Every row goes through the same instructions in the
-    /// same order whatever `R` is, which keeps rows bit-identical across batch sizes.
-    #[allow(clippy::needless_range_loop)] // the indices address three arrays in lockstep
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q8_tile<const R: usize>(
-        weights: &[i8],
-        scales: &[f32],
+    /// Adds `dot · (weight scales · x_scale)` to `acc`, as separate multiplies and an add.
+    #[inline(always)]
+    unsafe fn accumulate(acc: __m256, dot: __m256i, scales: __m256, x_scale: f32) -> __m256 {
+        // SAFETY: the callers enable AVX2.
+        unsafe {
+            let scale = _mm256_mul_ps(scales, _mm256_set1_ps(x_scale));
+            _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), scale))
+        }
+    }
+
+    /// The panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies unsigned
+    /// by signed bytes and adds groups of four into 32-bit lanes. Q8_0 weights are made
+    /// unsigned by adding 128, which adds `128 · Σx` to the dot; that is subtracted again.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_vnni(
+        panel: Panel<'_>,
+        activations: &QuantizedRows,
+        blocks: usize,
+        start: usize,
+        count: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: features enabled above; `count <= 4` rows from `start` exist.
+        unsafe {
+            match count {
+                4 => vnni::<4>(panel, activations, blocks, start, out),
+                3 => vnni::<3>(panel, activations, blocks, start, out),
+                2 => vnni::<2>(panel, activations, blocks, start, out),
+                _ => vnni::<1>(panel, activations, blocks, start, out),
+            }
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)] // `r` addresses the accumulators and the rows
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn vnni<const R: usize>(
+        panel: Panel<'_>,
+        activations: &QuantizedRows,
+        blocks: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        let in_features = blocks * BLOCK;
+        let (signed, scales) = match panel {
+            Panel::Q8 { scales, .. } => (true, scales),
+            Panel::Q4 { scales, .. } => (false, scales),
+        };
+        let mut acc = [_mm256_setzero_ps(); R];
+        for block in 0..blocks {
+            // SAFETY: `block < blocks`, and every row contains `in_features` values.
+            unsafe {
+                let mut weights = load_block(panel, block);
+                if signed {
+                    let flip = _mm256_set1_epi8(-128);
+                    for w in &mut weights {
+                        *w = _mm256_xor_si256(*w, flip);
+                    }
+                }
+                let block_scales = _mm256_loadu_ps(scales.as_ptr().add(block * PANEL));
+                for r in 0..R {
+                    let row = start + r;
+                    let x = activations
+                        .values
+                        .as_ptr()
+                        .add(row * in_features + block * BLOCK);
+                    let mut even = _mm256_setzero_si256();
+                    let mut odd = _mm256_setzero_si256();
+                    for group in (0..8).step_by(2) {
+                        even = _mm256_dpbusd_epi32(even, weights[group], broadcast_group(x, group));
+                        odd = _mm256_dpbusd_epi32(
+                            odd,
+                            weights[group + 1],
+                            broadcast_group(x, group + 1),
+                        );
+                    }
+                    let mut dot = _mm256_add_epi32(even, odd);
+                    if signed {
+                        let bias = 128 * activations.int_sums[row * blocks + block];
+                        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(bias));
+                    }
+                    let x_scale = activations.scales[row * blocks + block];
+                    acc[r] = accumulate(acc[r], dot, block_scales, x_scale);
+                }
+            }
+        }
+        for (r, lanes) in acc.iter().enumerate() {
+            // SAFETY: row `r` of the tile has eight outputs at `r * 64` in `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * COLUMNS_PER_TASK), *lanes) };
+        }
+    }
+
+    /// The panel's tile with AVX2: `vpmaddubsw` multiplies unsigned by signed bytes into 16-bit
+    /// pairs. 4-bit weights are unsigned already, and eight groups of their pairs fit in 16
+    /// bits (at most 8 · 2 · 15 · 127). Q8_0 weights use `|w| · (x · sign(w))`, widened to
+    /// 32 bits after each group.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile_avx2(
+        panel: Panel<'_>,
+        activations: &QuantizedRows,
+        blocks: usize,
+        start: usize,
+        count: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: AVX2 enabled above; `count <= 4` rows from `start` exist.
+        unsafe {
+            match count {
+                4 => avx2::<4>(panel, activations, blocks, start, out),
+                3 => avx2::<3>(panel, activations, blocks, start, out),
+                2 => avx2::<2>(panel, activations, blocks, start, out),
+                _ => avx2::<1>(panel, activations, blocks, start, out),
+            }
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)] // `r` addresses the accumulators and the rows
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<const R: usize>(
+        panel: Panel<'_>,
         activations: &QuantizedRows,
         blocks: usize,
         start: usize,
@@ -496,86 +712,56 @@ mod avx2 {
     ) {
         let in_features = blocks * BLOCK;
         let ones = _mm256_set1_epi16(1);
+        let (signed, scales) = match panel {
+            Panel::Q8 { scales, .. } => (true, scales),
+            Panel::Q4 { scales, .. } => (false, scales),
+        };
         let mut acc = [_mm256_setzero_ps(); R];
         for block in 0..blocks {
-            // SAFETY: `block * BLOCK + 32 <= in_features` for the weights and for every row.
+            // SAFETY: `block < blocks`, and every row contains `in_features` values.
             unsafe {
-                let w = _mm256_loadu_si256(weights.as_ptr().add(block * BLOCK) as *const __m256i);
-                let w_abs = _mm256_sign_epi8(w, w);
+                let weights = load_block(panel, block);
+                let magnitudes = weights.map(|w| _mm256_sign_epi8(w, w));
+                let block_scales = _mm256_loadu_ps(scales.as_ptr().add(block * PANEL));
                 for r in 0..R {
                     let row = start + r;
-                    let x_ptr = activations
+                    let x = activations
                         .values
                         .as_ptr()
                         .add(row * in_features + block * BLOCK);
-                    let x = _mm256_loadu_si256(x_ptr as *const __m256i);
-                    // |w| · (x · sign(w)) = w · x, as unsigned × signed pairs summed to i16.
-                    let x_signed = _mm256_sign_epi8(x, w);
-                    let pairs = _mm256_maddubs_epi16(w_abs, x_signed);
-                    let sums = _mm256_madd_epi16(pairs, ones);
-                    let scale = scales[block] * activations.scales[row * blocks + block];
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
+                    let dot = if signed {
+                        let mut dot = _mm256_setzero_si256();
+                        for (group, (&w, &magnitude)) in weights.iter().zip(&magnitudes).enumerate()
+                        {
+                            let x_signed = _mm256_sign_epi8(broadcast_group(x, group), w);
+                            let pairs = _mm256_maddubs_epi16(magnitude, x_signed);
+                            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+                        }
+                        dot
+                    } else {
+                        let mut pairs = _mm256_setzero_si256();
+                        for (group, &w) in weights.iter().enumerate() {
+                            let product = _mm256_maddubs_epi16(w, broadcast_group(x, group));
+                            pairs = _mm256_add_epi16(pairs, product);
+                        }
+                        _mm256_madd_epi16(pairs, ones)
+                    };
+                    let x_scale = activations.scales[row * blocks + block];
+                    acc[r] = accumulate(acc[r], dot, block_scales, x_scale);
                 }
             }
         }
         for (r, lanes) in acc.iter().enumerate() {
-            out[start + r] = horizontal_sum(*lanes);
-        }
-    }
-
-    /// `R` rows of a 4-bit column starting at `start`, with the same batch-size independence
-    /// as [`q8_tile`]. The nibbles are unsigned, so they meet the signed activations in
-    /// `maddubs` directly. The offset term is left to [`add_offsets`].
-    #[allow(clippy::needless_range_loop)] // the indices address four arrays in lockstep
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q4_tile<const R: usize>(
-        nibbles: &[u8],
-        scales: &[f32],
-        activations: &QuantizedRows,
-        blocks: usize,
-        start: usize,
-        out: &mut [f32],
-    ) {
-        let in_features = blocks * BLOCK;
-        let ones = _mm256_set1_epi16(1);
-        let low_mask = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for block in 0..blocks {
-            // SAFETY: `block * 16 + 16 <= in_features / 2` for the weights, and
-            // `block * BLOCK + 32 <= in_features` for every row.
-            unsafe {
-                let packed =
-                    _mm_loadu_si128(nibbles.as_ptr().add(block * BLOCK / 2) as *const __m128i);
-                // Elements 0..16 are the low nibbles, 16..32 the high ones.
-                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                let w = _mm256_and_si256(both, low_mask);
-                for r in 0..R {
-                    let row = start + r;
-                    let x_ptr = activations
-                        .values
-                        .as_ptr()
-                        .add(row * in_features + block * BLOCK);
-                    let x = _mm256_loadu_si256(x_ptr as *const __m256i);
-                    let pairs = _mm256_maddubs_epi16(w, x);
-                    let sums = _mm256_madd_epi16(pairs, ones);
-                    let index = row * blocks + block;
-                    let scale = scales[block] * activations.scales[index];
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
-                }
-            }
-        }
-        for (r, lanes) in acc.iter().enumerate() {
-            out[start + r] = horizontal_sum(*lanes);
+            // SAFETY: row `r` of the tile has eight outputs at `r * 64` in `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * COLUMNS_PER_TASK), *lanes) };
         }
     }
 
     /// Runs [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
     pub(super) unsafe fn add_offsets(
         mins: &[f32],
         sums: &[f32],
@@ -586,15 +772,7 @@ mod avx2 {
         add_offsets_generic(mins, sums, blocks, rows, out);
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256) -> f32 {
-        let low = _mm256_castps256_ps128(v);
-        let high = _mm256_extractf128_ps(v, 1);
-        let sum4 = _mm_add_ps(low, high);
-        let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-        let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
-        _mm_cvtss_f32(sum1)
-    }
+    const _: () = assert!(PANEL == 8);
 }
 
 #[cfg(test)]
@@ -739,24 +917,20 @@ mod tests {
         }
     }
 
+    /// Every kernel the CPU can run gives the scalar kernel's results bit for bit, at every
+    /// tile size and with a zero-padded panel.
     #[test]
-    fn scalar_and_simd_agree_closely() {
+    fn kernels_agree_exactly() {
+        let kernels = Kernel::available();
         for dtype in TYPES {
-            let q = QTensor::quantize(&random(40, 256, 5), dtype).unwrap();
+            let q = QTensor::quantize(&shifted_random(43, 256, 5), dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap();
-            let x_host = host(&random(3, 256, 6));
-            let activations = quantize_rows(&x_host, 3, 256);
-            for col in 0..40 {
-                let column = matrix.column(col);
-                let mut scalar = vec![0f32; 3];
-                column_scalar(column, &activations, 8, &mut scalar);
-                let mut detected = vec![0f32; 3];
-                Kernel::detect().column(column, &activations, 8, &mut detected);
-                for (s, d) in scalar.iter().zip(&detected) {
-                    assert!(
-                        (s - d).abs() <= 1e-4 * s.abs().max(1.0),
-                        "{dtype:?}: {s} vs {d}"
-                    );
+            for rows in 1..=6 {
+                let x = host(&random(rows, 256, 6));
+                let scalar = QuantMatrix::matmul_many_with(Kernel::Scalar, &[&matrix], &x, rows);
+                for &kernel in &kernels {
+                    let got = QuantMatrix::matmul_many_with(kernel, &[&matrix], &x, rows);
+                    assert_eq!(got, scalar, "{dtype:?} {kernel:?} rows {rows}");
                 }
             }
         }
