@@ -62,28 +62,33 @@ pub(crate) fn attend(
     }
     let mut out = vec![0f32; shape.tokens * shape.heads * hd];
     let wide = Wide::detect();
-    out.par_chunks_mut(hd)
+    // One item per (token, key/value head): the query heads that share a key/value head read
+    // its cache in one pass, so the cache is read once per token instead of once per head.
+    out.par_chunks_mut(group * hd)
         .enumerate()
         .for_each_init(Vec::new, |scores, (item, out)| {
-            let token = item / shape.heads;
-            let head = item % shape.heads;
+            let token = item / shape.kv_heads;
+            let kv_head = item % shape.kv_heads;
             let row = token_row[token];
             let span = &spans[row];
             let item = Item {
-                query: &q[(head * shape.tokens + token) * hd..][..hd],
-                kv_head: head / group,
+                q,
+                token,
+                kv_head,
                 position: span.past + (token - span.offset),
                 caches: caches[row],
                 scale,
             };
-            wide.attend_one(&item, shape, scores, out);
+            wide.attend_group(&item, shape, scores, out);
         });
     out
 }
 
-/// One (token, head) output of [`attend`].
+/// One (token, key/value head) item of [`attend`].
 struct Item<'a> {
-    query: &'a [f32],
+    /// All queries, `(heads, tokens, head_dim)`.
+    q: &'a [f32],
+    token: usize,
     kv_head: usize,
     /// The token's position; it attends to positions `0..=position`.
     position: usize,
@@ -91,7 +96,7 @@ struct Item<'a> {
     scale: f32,
 }
 
-/// Whether the CPU runs 256-bit vector code. The compiler vectorises [`attend_one`] either
+/// Whether the CPU runs 256-bit vector code. The compiler vectorises [`attend_group`] either
 /// way. With AVX2 its vectors are twice as wide, but every lane does the same operations in
 /// the same order, so the results are identical.
 #[derive(Clone, Copy)]
@@ -112,7 +117,7 @@ impl Wide {
         Self::Baseline
     }
 
-    fn attend_one(
+    fn attend_group(
         self,
         item: &Item<'_>,
         shape: AttentionShape,
@@ -120,10 +125,10 @@ impl Wide {
         out: &mut [f32],
     ) {
         match self {
-            Self::Baseline => attend_one(item, shape, scores, out),
+            Self::Baseline => attend_group(item, shape, scores, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2.
-            Self::Avx2 => unsafe { attend_one_avx2(item, shape, scores, out) },
+            Self::Avx2 => unsafe { attend_group_avx2(item, shape, scores, out) },
         }
     }
 }
@@ -132,40 +137,58 @@ impl Wide {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_one_avx2(
+unsafe fn attend_group_avx2(
     item: &Item<'_>,
     shape: AttentionShape,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_one(item, shape, scores, out);
+    attend_group(item, shape, scores, out);
 }
 
-/// Softmax attention of one query head over its row's cache, added into `out`.
+/// Computes softmax attention for the query heads that share the item's key/value head, over its row's
+/// cache, added into `out` (`(group, head_dim)`). Each head's arithmetic runs in position
+/// order, as it would for that head alone.
 #[inline(always)]
-fn attend_one(item: &Item<'_>, shape: AttentionShape, scores: &mut Vec<f32>, out: &mut [f32]) {
+fn attend_group(item: &Item<'_>, shape: AttentionShape, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = shape.head_dim;
+    let group = shape.heads / shape.kv_heads;
     let stride = shape.kv_heads * hd;
+    let positions = item.position + 1;
     let (keys, values) = item.caches;
+    let query = |g: usize| {
+        let head = item.kv_head * group + g;
+        &item.q[(head * shape.tokens + item.token) * hd..][..hd]
+    };
+
+    // Scores of head `g` at `scores[g * positions..]`.
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..=item.position {
+    scores.resize(group * positions, 0.0);
+    for p in 0..positions {
         let key = &keys[p * stride + item.kv_head * hd..][..hd];
-        let score = dot(item.query, key) * item.scale;
-        max = max.max(score);
-        scores.push(score);
+        for g in 0..group {
+            scores[g * positions + p] = dot(query(g), key) * item.scale;
+        }
     }
-    let mut sum = 0f32;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        sum += *score;
+
+    let mut inverses = Vec::with_capacity(group);
+    for head_scores in scores.chunks_exact_mut(positions) {
+        let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for score in head_scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        inverses.push(1.0 / sum);
     }
-    let inverse = 1.0 / sum;
-    for (p, &weight) in scores.iter().enumerate() {
+
+    for p in 0..positions {
         let value = &values[p * stride + item.kv_head * hd..][..hd];
-        let weight = weight * inverse;
-        for (o, &v) in out.iter_mut().zip(value) {
-            *o += weight * v;
+        for (g, head_out) in out.chunks_exact_mut(hd).enumerate() {
+            let weight = scores[g * positions + p] * inverses[g];
+            for (o, &v) in head_out.iter_mut().zip(value) {
+                *o += weight * v;
+            }
         }
     }
 }
