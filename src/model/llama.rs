@@ -10,11 +10,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops;
+use rayon::prelude::*;
 
 use super::attention::{self, AttentionShape, AttentionSpan};
 use super::config::{ModelConfig, RopeLayout};
 use super::kv::KvCache;
-use super::lora::{LoraAdapter, LoraPair, Projection};
+use super::lora::{HostPair, LoraAdapter, LoraPair, Projection};
 use super::weights::{Embedding, Linear, LoadOptions, WeightFormat, WeightSource};
 use super::ModelError;
 
@@ -639,8 +640,8 @@ fn host_deltas(
     lora: &LoraPlan<'_>,
 ) -> Result<Option<Tensor>, ModelError> {
     let (tokens, in_features) = x.dims2()?;
-    let x_host: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let mut delta = vec![0f32; tokens * out_features];
+    // The pair and scale of each token, if its row has an adapter on this projection.
+    let mut pairs: Vec<Option<(&HostPair, f32)>> = vec![None; tokens];
     for span in &lora.spans {
         let Some(adapter) = span.adapter else {
             continue;
@@ -652,14 +653,19 @@ fn host_deltas(
             return Ok(None);
         };
         let scale = adapter.scale() as f32;
-        for token in span.offset..span.offset + span.len {
-            host.add_delta(
-                &x_host[token * in_features..(token + 1) * in_features],
-                scale,
-                &mut delta[token * out_features..(token + 1) * out_features],
-            );
-        }
+        pairs[span.offset..span.offset + span.len].fill(Some((host.as_ref(), scale)));
     }
+    let x_host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut delta = vec![0f32; tokens * out_features];
+    delta
+        .par_chunks_mut(out_features)
+        .zip(x_host.par_chunks(in_features))
+        .zip(pairs)
+        .for_each(|((out, x), pair)| {
+            if let Some((host, scale)) = pair {
+                host.add_delta(x, scale, out);
+            }
+        });
     Ok(Some(Tensor::from_vec(
         delta,
         (tokens, out_features),
