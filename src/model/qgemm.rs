@@ -264,7 +264,7 @@ impl QuantMatrix {
             "matmul_many needs matrices with one input width"
         );
         debug_assert_eq!(x.len(), rows * in_features);
-        let activations = quantize_rows(x, rows, in_features);
+        let activations = quantize_rows(kernel, x, rows, in_features);
         // Each task writes its 64 columns, row-major, into a slice of its own.
         let task_len = COLUMNS_PER_TASK * rows;
         let mut scratch: Vec<Vec<f32>> = matrices
@@ -352,34 +352,50 @@ fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, o
     let full = blocks / LANES * LANES;
     for row in 0..rows {
         let row_sums = &sums[row * blocks..][..blocks];
-        let mut partials = [[0f32; COLUMNS_PER_TASK]; LANES];
-        for (block, &sum) in row_sums[..full].iter().enumerate() {
-            let block_mins = &mins[block * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
-            for (partial, &min) in partials[block % LANES].iter_mut().zip(block_mins) {
-                *partial += min * sum;
-            }
-        }
-        let mut offsets = [0f32; COLUMNS_PER_TASK];
-        for partial in &partials {
-            for (offset, &value) in offsets.iter_mut().zip(partial) {
-                *offset += value;
-            }
-        }
-        for (block, &sum) in row_sums.iter().enumerate().skip(full) {
-            let block_mins = &mins[block * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
-            for (offset, &min) in offsets.iter_mut().zip(block_mins) {
-                *offset += min * sum;
-            }
-        }
         let row_out = &mut out[row * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
-        for (value, offset) in row_out.iter_mut().zip(&offsets) {
-            *value += offset;
+        // Eight columns at a time, so that the eight partial sums stay in registers.
+        for (chunk, chunk_out) in row_out.chunks_exact_mut(PANEL).enumerate() {
+            let min_at = |block: usize| &mins[block * COLUMNS_PER_TASK + chunk * PANEL..][..PANEL];
+            let mut partials = [[0f32; PANEL]; LANES];
+            for first in (0..full).step_by(LANES) {
+                for (lane, partial) in partials.iter_mut().enumerate() {
+                    let block = first + lane;
+                    for (value, &min) in partial.iter_mut().zip(min_at(block)) {
+                        *value += min * row_sums[block];
+                    }
+                }
+            }
+            let mut offsets = [0f32; PANEL];
+            for partial in &partials {
+                for (offset, &value) in offsets.iter_mut().zip(partial) {
+                    *offset += value;
+                }
+            }
+            for (block, &sum) in row_sums.iter().enumerate().skip(full) {
+                for (offset, &min) in offsets.iter_mut().zip(min_at(block)) {
+                    *offset += min * sum;
+                }
+            }
+            for (value, offset) in chunk_out.iter_mut().zip(&offsets) {
+                *value += offset;
+            }
         }
     }
 }
 
-/// Quantises each block of 32 activations to int8 with scale `max|x| / 127`.
-fn quantize_rows(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
+/// Quantises each block of 32 activations to int8 with scale `max|x| / 127`, with AVX2 code
+/// where `kernel` uses it. Rounding is exact on both paths, so the results are the same.
+fn quantize_rows(kernel: Kernel, x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
+    match kernel {
+        Kernel::Scalar => quantize_rows_generic(x, rows, in_features),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both SIMD kernels are chosen only on CPUs with AVX2.
+        Kernel::Avx2 | Kernel::Vnni => unsafe { simd::quantize_rows(x, rows, in_features) },
+    }
+}
+
+#[inline(always)]
+fn quantize_rows_generic(x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
     let blocks = in_features / BLOCK;
     let mut values = vec![0i8; rows * in_features];
     let mut scales = vec![0f32; rows * blocks];
@@ -536,7 +552,10 @@ fn tile_scalar(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{add_offsets_generic, Panel, QuantizedRows, BLOCK, COLUMNS_PER_TASK, PANEL};
+    use super::{
+        add_offsets_generic, quantize_rows_generic, Panel, QuantizedRows, BLOCK, COLUMNS_PER_TASK,
+        PANEL,
+    };
 
     /// Loads the four bytes of activations `4 · group..` of a block and repeats them in every
     /// 32-bit lane.
@@ -556,7 +575,7 @@ mod simd {
     /// AVX2 must be available, and `block` must be below the panel's block count.
     #[inline(always)]
     unsafe fn load_block(panel: Panel<'_>, block: usize) -> [__m256i; 8] {
-        // SAFETY: a panel holds `blocks · 256` values or `blocks · 128` bytes.
+        // SAFETY: a panel contains `blocks · 256` values or `blocks · 128` bytes.
         unsafe {
             match panel {
                 Panel::Q8 { values, .. } => {
@@ -590,9 +609,9 @@ mod simd {
         }
     }
 
-    /// The panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies unsigned
+    /// Computes the panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies unsigned
     /// by signed bytes and adds groups of four into 32-bit lanes. Q8_0 weights are made
-    /// unsigned by adding 128, which adds `128 · Σx` to the dot; that is subtracted again.
+    /// unsigned by adding 128, which adds `128 · Σx` to the dot, so that is subtracted again.
     ///
     /// # Safety
     /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
@@ -674,7 +693,7 @@ mod simd {
         }
     }
 
-    /// The panel's tile with AVX2: `vpmaddubsw` multiplies unsigned by signed bytes into 16-bit
+    /// Computes the panel's tile with AVX2: `vpmaddubsw` multiplies unsigned by signed bytes into 16-bit
     /// pairs. 4-bit weights are unsigned already, and eight groups of their pairs fit in 16
     /// bits (at most 8 · 2 · 15 · 127). Q8_0 weights use `|w| · (x · sign(w))`, widened to
     /// 32 bits after each group.
@@ -755,6 +774,20 @@ mod simd {
             // SAFETY: row `r` of the tile has eight outputs at `r * 64` in `out`.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * COLUMNS_PER_TASK), *lanes) };
         }
+    }
+
+    /// Runs [`quantize_rows_generic`] compiled for AVX2, where `round` becomes a vector
+    /// instruction sequence with the same results.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_rows(
+        x: &[f32],
+        rows: usize,
+        in_features: usize,
+    ) -> QuantizedRows {
+        quantize_rows_generic(x, rows, in_features)
     }
 
     /// Runs [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
@@ -857,7 +890,7 @@ mod tests {
             let matrix = QuantMatrix::from_qtensor(&q).unwrap();
             let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
             let x = host(&random(rows, in_features, 9));
-            let rounded = quantize_rows(&x, rows, in_features);
+            let rounded = quantize_rows(Kernel::Scalar, &x, rows, in_features);
             let out = matrix.matmul(&x, rows);
             for row in 0..rows {
                 let xq: Vec<f32> = (0..in_features)
@@ -933,6 +966,23 @@ mod tests {
                     assert_eq!(got, scalar, "{dtype:?} {kernel:?} rows {rows}");
                 }
             }
+        }
+    }
+
+    /// Halves round away from zero on every path, as `f32::round` does.
+    #[test]
+    fn activation_rounding_agrees() {
+        // max|x| = 127 gives scale 1, so each value is rounded as it is.
+        let mut x: Vec<f32> = (0..31).map(|i| i as f32 * 0.5 - 7.5).collect();
+        x.push(127.0);
+        let scalar = quantize_rows(Kernel::Scalar, &x, 1, 32);
+        assert_eq!(scalar.values[0], -8);
+        assert_eq!(scalar.values[1], -7);
+        assert_eq!(scalar.values[16], 1);
+        for kernel in Kernel::available() {
+            let got = quantize_rows(kernel, &x, 1, 32);
+            assert_eq!(got.values, scalar.values, "{kernel:?}");
+            assert_eq!(got.int_sums, scalar.int_sums, "{kernel:?}");
         }
     }
 
