@@ -146,9 +146,9 @@ unsafe fn attend_group_avx2(
     attend_group(item, shape, scores, out);
 }
 
-/// Computes softmax attention for the query heads that share the item's key/value head, over its row's
-/// cache, added into `out` (`(group, head_dim)`). Each head's arithmetic runs in position
-/// order, as it would for that head alone.
+/// Computes softmax attention for the query heads that share the item's key/value head, over
+/// its row's cache, added into `out` (`(group, head_dim)`). Each head's arithmetic runs in
+/// position order, as it would for that head alone.
 #[inline(always)]
 fn attend_group(item: &Item<'_>, shape: AttentionShape, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = shape.head_dim;

@@ -609,9 +609,10 @@ mod simd {
         }
     }
 
-    /// Computes the panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies unsigned
-    /// by signed bytes and adds groups of four into 32-bit lanes. Q8_0 weights are made
-    /// unsigned by adding 128, which adds `128 · Σx` to the dot, so that is subtracted again.
+    /// Computes the panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies
+    /// unsigned by signed bytes and adds groups of four into 32-bit lanes. Q8_0 weights are
+    /// made unsigned by adding 128, which adds `128 · Σx` to the dot, so that is subtracted
+    /// again.
     ///
     /// # Safety
     /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
@@ -693,10 +694,10 @@ mod simd {
         }
     }
 
-    /// Computes the panel's tile with AVX2: `vpmaddubsw` multiplies unsigned by signed bytes into 16-bit
-    /// pairs. 4-bit weights are unsigned already, and eight groups of their pairs fit in 16
-    /// bits (at most 8 · 2 · 15 · 127). Q8_0 weights use `|w| · (x · sign(w))`, widened to
-    /// 32 bits after each group.
+    /// Computes the panel's tile with AVX2: `vpmaddubsw` multiplies unsigned by signed bytes
+    /// into 16-bit pairs. 4-bit weights are unsigned already, and eight groups of their pairs
+    /// fit in 16 bits (at most 8 · 2 · 15 · 127). Q8_0 weights use `|w| · (x · sign(w))`,
+    /// widened to 32 bits after each group.
     ///
     /// # Safety
     /// The CPU must support AVX2.
