@@ -94,6 +94,19 @@ async fn invalid_requests_are_400_naming_the_field() {
         reply["error"]["message"],
         "unknown field `docter`; did you mean `doctor`?"
     );
+    // A β that is not a number names the accepted forms of `doctor`.
+    let (status, reply) = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": user, "doctor": {"name": DOCTOR, "beta": "x"}}),
+        )
+        .await;
+    assert_error(status, &reply, 400, Some("doctor"));
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("expected a doctor name, {\"name\": string, \"beta\": number}"),
+        "{message}"
+    );
     server.stop().await;
 }
 

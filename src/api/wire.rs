@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 /// `stop`: one string or a list of strings.
 #[derive(Clone, Debug, Deserialize, ToSchema, PartialEq)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or a list of strings")]
 pub enum StopField {
     /// One stop string.
     One(String),
@@ -33,7 +33,10 @@ pub struct DoctorSpec {
 
 /// A doctor given by name alone or with a β.
 #[derive(Clone, Debug, Deserialize, ToSchema, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a doctor name or {\"name\": string, \"beta\": number}"
+)]
 pub enum DoctorItem {
     /// The doctor's name; β is the doctor's default.
     Name(String),
@@ -43,7 +46,10 @@ pub enum DoctorItem {
 
 /// `doctor` (extension): one doctor or a list of doctors steering the request.
 #[derive(Clone, Debug, Deserialize, ToSchema, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a doctor name, {\"name\": string, \"beta\": number}, or a list of them"
+)]
 pub enum DoctorField {
     /// One doctor.
     One(DoctorItem),
