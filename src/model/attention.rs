@@ -64,9 +64,9 @@ pub(crate) fn attend(
     let wide = Wide::detect();
     // One item per (token, key/value head): the query heads that share a key/value head read
     // its cache in one pass, so the cache is read once per token instead of once per head.
-    out.par_chunks_mut(group * hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (item, out)| {
+    out.par_chunks_mut(group * hd).enumerate().for_each_init(
+        Scratch::default,
+        |scratch, (item, out)| {
             let token = item / shape.kv_heads;
             let kv_head = item % shape.kv_heads;
             let row = token_row[token];
@@ -79,8 +79,9 @@ pub(crate) fn attend(
                 caches: caches[row],
                 scale,
             };
-            wide.attend_group(&item, shape, scores, out);
-        });
+            wide.attend_group(&item, shape, scratch, out);
+        },
+    );
     out
 }
 
@@ -96,9 +97,19 @@ struct Item<'a> {
     scale: f32,
 }
 
-/// Whether the CPU runs 256-bit vector code. The compiler vectorises [`attend_group`] either
-/// way. With AVX2 its vectors are twice as wide and the scores come from [`dots8`], but every
-/// value goes through the same operations in the same order, so the results are identical.
+/// Buffers that one thread reuses across items, so that an item allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    /// Scores of head `g` at `scores[g * positions..]`.
+    scores: Vec<f32>,
+    /// `1 / Σ exp` of each head.
+    inverses: Vec<f32>,
+}
+
+/// The vector code attention runs: the x86-64 baseline or AVX2. The compiler vectorises
+/// [`attend_group`] either way. With AVX2 its vectors are twice as wide and the scores come from
+/// [`dots8`], but every value goes through the same operations in the same order, so the
+/// results are identical.
 #[derive(Clone, Copy)]
 enum Wide {
     Baseline,
@@ -121,14 +132,14 @@ impl Wide {
         self,
         item: &Item<'_>,
         shape: AttentionShape,
-        scores: &mut Vec<f32>,
+        scratch: &mut Scratch,
         out: &mut [f32],
     ) {
         match self {
-            Self::Baseline => attend_group::<false>(item, shape, scores, out),
+            Self::Baseline => attend_group::<false>(item, shape, scratch, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` returned Avx2 only after checking that the CPU has AVX2.
-            Self::Avx2 => unsafe { attend_group_avx2(item, shape, scores, out) },
+            Self::Avx2 => unsafe { attend_group_avx2(item, shape, scratch, out) },
         }
     }
 }
@@ -140,10 +151,10 @@ impl Wide {
 unsafe fn attend_group_avx2(
     item: &Item<'_>,
     shape: AttentionShape,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    attend_group::<true>(item, shape, scores, out);
+    attend_group::<true>(item, shape, scratch, out);
 }
 
 /// Computes softmax attention for the query heads that share the item's key/value head, over
@@ -154,7 +165,7 @@ unsafe fn attend_group_avx2(
 fn attend_group<const AVX2: bool>(
     item: &Item<'_>,
     shape: AttentionShape,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let hd = shape.head_dim;
@@ -167,7 +178,7 @@ fn attend_group<const AVX2: bool>(
         &item.q[(head * shape.tokens + item.token) * hd..][..hd]
     };
 
-    // Scores of head `g` at `scores[g * positions..]`.
+    let Scratch { scores, inverses } = scratch;
     scores.clear();
     scores.resize(group * positions, 0.0);
     let key_at = |p: usize| &keys[p * stride + item.kv_head * hd..][..hd];
@@ -194,7 +205,7 @@ fn attend_group<const AVX2: bool>(
         }
     }
 
-    let mut inverses = Vec::with_capacity(group);
+    inverses.clear();
     for head_scores in scores.chunks_exact_mut(positions) {
         let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
