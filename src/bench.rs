@@ -270,8 +270,9 @@ pub struct KernelResult {
     pub ratio_to_q8_0: f64,
 }
 
-/// Times [`QuantMatrix::matmul`] for Q8_0, Q4_0 and Q4_1 on random weights of each
-/// `(out, in)` shape and each batch size. Each run times every type back to back, so the
+/// Times [`QuantMatrix::matmul`] for every type with a batched kernel on random weights of each
+/// `(out, in)` shape and each batch size. K-quants are timed only on shapes whose inner size is
+/// a multiple of 256. Each run times every type back to back, so the
 /// ratios to Q8_0 compare calls made moments apart. Returns one result per type, shape and
 /// batch size, with medians over `repeats` runs.
 pub fn kernel_timings(
@@ -285,7 +286,18 @@ pub fn kernel_timings(
 
     use crate::model::qgemm::QuantMatrix;
 
-    const TYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    // Q8_0 first: the ratios are to it.
+    const TYPES: [GgmlDType; 9] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
     if batch_sizes.contains(&0) {
         return Err(candle_core::Error::Msg(
             "invalid batch size 0: every batch needs at least one row".into(),
@@ -298,7 +310,11 @@ pub fn kernel_timings(
             .map(|_| rng.gen_range(-0.1..0.1))
             .collect();
         let weights = Tensor::from_vec(weights, (out_features, in_features), &Device::Cpu)?;
-        let matrices: Vec<QuantMatrix> = TYPES
+        let types: Vec<GgmlDType> = TYPES
+            .into_iter()
+            .filter(|dtype| in_features % dtype.block_size() == 0)
+            .collect();
+        let matrices: Vec<QuantMatrix> = types
             .iter()
             .map(|&dtype| {
                 let tensor = QTensor::quantize(&weights, dtype)?;
@@ -315,7 +331,7 @@ pub fn kernel_timings(
                 .collect();
             // Enough calls that one timing covers about four million multiply-adds.
             let calls = (4_000_000 / (rows * out_features * in_features)).clamp(1, 1000);
-            let mut times = vec![Vec::with_capacity(repeats); TYPES.len()];
+            let mut times = vec![Vec::with_capacity(repeats); types.len()];
             for _ in 0..repeats {
                 for (matrix, samples) in matrices.iter().zip(&mut times) {
                     let start = Instant::now();
@@ -335,7 +351,7 @@ pub fn kernel_timings(
                         .collect()
                 })
                 .collect();
-            for ((dtype, samples), ratios) in TYPES.iter().zip(&mut times).zip(&mut ratios) {
+            for ((dtype, samples), ratios) in types.iter().zip(&mut times).zip(&mut ratios) {
                 results.push(KernelResult {
                     mode: "kernel",
                     dtype: format!("{dtype:?}"),
@@ -367,14 +383,21 @@ mod tests {
 
     #[test]
     fn kernel_timings_cover_types_and_batches() {
-        let results = kernel_timings(&[(64, 32), (32, 64)], &[1, 5], 2).unwrap();
-        assert_eq!(results.len(), 2 * 2 * 3);
+        // Five 32-block types on both shapes, and the four K-quants on the 256-wide one too.
+        let results = kernel_timings(&[(64, 32), (32, 256)], &[1, 5], 2).unwrap();
+        assert_eq!(results.len(), 2 * 5 + 2 * 9);
         let q8: Vec<_> = results.iter().filter(|r| r.dtype == "Q8_0").collect();
         assert_eq!(q8.len(), 4);
         assert!(q8.iter().all(|r| r.ratio_to_q8_0 == 1.0));
         assert!(results.iter().all(|r| r.micros_per_call > 0.0));
+        let q6k: Vec<(usize, usize)> = results
+            .iter()
+            .filter(|r| r.dtype == "Q6K")
+            .map(|r| (r.in_features, r.rows))
+            .collect();
+        assert_eq!(q6k, [(256, 1), (256, 5)]);
         let rows: Vec<usize> = results.iter().map(|r| r.rows).collect();
-        assert_eq!(rows[..6], [1, 1, 1, 5, 5, 5]);
+        assert_eq!(rows[..10], [1, 1, 1, 1, 1, 5, 5, 5, 5, 5]);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Quant {
-    /// Requantise types without a batched CPU kernel (Q5_0, Q5_1, K-quants) to Q8_0.
+    /// Requantise the one type without a batched CPU kernel (Q2_K) to Q8_0.
     #[default]
     Fast,
     /// Keep every tensor as stored in the file.

@@ -42,9 +42,10 @@ pub struct BenchArgs {
     /// Print one JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
-    /// Time the quantised matmul kernels alone (Q8_0, Q4_0, Q4_1 on random weights of the
-    /// model's projection shapes), with the `--concurrency` levels and `--prefill-tokens` as
-    /// batch sizes, instead of the engine.
+    /// Time the quantised matmul kernels alone instead of the engine, with the `--concurrency`
+    /// levels and `--prefill-tokens` as batch sizes. Every type with a batched kernel is timed
+    /// on random weights of the model's projection shapes, K-quants only where the inner size
+    /// is a multiple of 256.
     #[arg(long)]
     kernels: bool,
 }

@@ -53,7 +53,7 @@ pub enum Command {
 /// How quantised weights are kept in memory.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum QuantArg {
-    /// Requantise types without a batched CPU kernel (Q5_0, Q5_1, K-quants) to Q8_0.
+    /// Requantise the one type without a batched CPU kernel (Q2_K) to Q8_0.
     Fast,
     /// Keep every tensor as stored in the file.
     AsStored,

@@ -40,7 +40,7 @@ pub enum SplitArg {
 pub enum WeightsArg {
     /// Dense f32, dequantised at load: the same numbers training uses.
     Dense,
-    /// Quantised as served (Q5_0, Q5_1 and K-quants requantised to Q8_0).
+    /// Quantised as served (Q2_K requantised to Q8_0).
     Quantized,
 }
 

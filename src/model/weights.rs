@@ -23,12 +23,13 @@ pub enum WeightFormat {
 /// The treatment of quantised types that have no batched kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantPolicy {
-    /// Keep every tensor in its stored type. Q8_0, Q4_0 and Q4_1 use the batched CPU kernels of
-    /// [`super::qgemm`]. Other types use candle's, which re-read the weights for every row.
+    /// Keep every tensor in its stored type. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q3_K to Q6_K use
+    /// the batched CPU kernels of [`super::qgemm`]. Q2_K uses candle's, which re-read the
+    /// weights for every row.
     AsStored,
-    /// Also requantise Q5_0, Q5_1 and the K-quants (Q2_K to Q6_K) to Q8_0 at load, so that
-    /// every quantised matrix runs on the batched kernels. This trades weight memory (8.5 bits
-    /// per weight) for batched speed, and adds a small rounding step.
+    /// Also requantise Q2_K to Q8_0 at load, so that every quantised matrix runs on the batched
+    /// kernels. This trades weight memory (8.5 bits per weight) for batched speed, and adds a
+    /// small rounding step.
     FastTypes,
     /// Requantise every block type other than Q8_0 to Q8_0, Q4_0 and Q4_1 included. This
     /// compares the 4-bit kernels with the 8-bit one on the same model.
@@ -55,7 +56,7 @@ impl Default for LoadOptions {
 enum LinearWeight {
     /// candle's kernels: dense tensors and quantised types without a kernel of ours.
     Candle(QMatMul),
-    /// Q8_0, Q4_0 or Q4_1 on the CPU, through the batched kernel in [`super::qgemm`].
+    /// A type with a batched CPU kernel in [`super::qgemm`].
     Batched(Arc<QuantMatrix>),
 }
 
@@ -437,14 +438,5 @@ fn apply_policy(q: QTensor, policy: QuantPolicy, device: &Device) -> Result<QTen
 
 /// Returns whether [`QuantPolicy::FastTypes`] requantises `dtype` to Q8_0.
 fn needs_requantising(dtype: GgmlDType) -> bool {
-    matches!(
-        dtype,
-        GgmlDType::Q5_0
-            | GgmlDType::Q5_1
-            | GgmlDType::Q2K
-            | GgmlDType::Q3K
-            | GgmlDType::Q4K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K
-    )
+    dtype == GgmlDType::Q2K
 }
