@@ -216,12 +216,34 @@ fn attend_group<const AVX2: bool>(
         inverses.push(1.0 / sum);
     }
 
-    for p in 0..positions {
-        let value = &values[p * stride + item.kv_head * hd..][..hd];
-        for (g, head_out) in out.chunks_exact_mut(hd).enumerate() {
-            let weight = scores[g * positions + p] * inverses[g];
-            for (o, &v) in head_out.iter_mut().zip(value) {
-                *o += weight * v;
+    // Each head's outputs are summed 64 at a time in a local array, which the compiler keeps
+    // in registers, over all positions in order. Every output still adds its terms in
+    // position order, so the result is the same as a loop over positions outside.
+    const CHUNK: usize = 64;
+    let value_at = |p: usize, start: usize| &values[p * stride + item.kv_head * hd + start..];
+    for (g, head_out) in out.chunks_exact_mut(hd).enumerate() {
+        let head_scores = &scores[g * positions..][..positions];
+        let inverse = inverses[g];
+        let mut start = 0;
+        while start + CHUNK <= hd {
+            let chunk_out = &mut head_out[start..start + CHUNK];
+            let mut sums = [0f32; CHUNK];
+            sums.copy_from_slice(chunk_out);
+            for (p, &score) in head_scores.iter().enumerate() {
+                let weight = score * inverse;
+                for (sum, &v) in sums.iter_mut().zip(&value_at(p, start)[..CHUNK]) {
+                    *sum += weight * v;
+                }
+            }
+            chunk_out.copy_from_slice(&sums);
+            start += CHUNK;
+        }
+        if start < hd {
+            for (p, &score) in head_scores.iter().enumerate() {
+                let weight = score * inverse;
+                for (o, &v) in head_out[start..].iter_mut().zip(value_at(p, start)) {
+                    *o += weight * v;
+                }
             }
         }
     }
@@ -331,6 +353,85 @@ mod tests {
             let fast = unsafe { dots8(&query, eight) };
             for (key, got) in keys.iter().zip(fast) {
                 assert_eq!(got.to_bits(), dot(&query, key).to_bits(), "length {len}");
+            }
+        }
+    }
+
+    /// [`attend`] gives, bit for bit, the straightforward computation: scores with [`dot`],
+    /// softmax, then each output summed over positions in order. Head sizes 64 and 80 cover
+    /// the 64-wide register path and its remainder.
+    #[test]
+    fn attend_matches_position_loop() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for hd in [64, 80] {
+            let (heads, kv_heads) = (6, 2);
+            let group = heads / kv_heads;
+            // Row 0: two new tokens after 5 cached. Row 1: one new token after 11.
+            let spans = [
+                AttentionSpan {
+                    offset: 0,
+                    len: 2,
+                    past: 5,
+                },
+                AttentionSpan {
+                    offset: 2,
+                    len: 1,
+                    past: 11,
+                },
+            ];
+            let shape = AttentionShape {
+                tokens: 3,
+                heads,
+                kv_heads,
+                head_dim: hd,
+            };
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect() };
+            let q = random(heads * 3 * hd);
+            let cache_len = |span: &AttentionSpan| (span.past + span.len) * kv_heads * hd;
+            let keys: Vec<Vec<f32>> = spans.iter().map(|s| random(cache_len(s))).collect();
+            let values: Vec<Vec<f32>> = spans.iter().map(|s| random(cache_len(s))).collect();
+            let caches: Vec<(&[f32], &[f32])> = keys
+                .iter()
+                .zip(&values)
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            let got = attend(&q, &caches, &spans, shape);
+
+            let scale = 1.0 / (hd as f32).sqrt();
+            for (row, span) in spans.iter().enumerate() {
+                for token in span.offset..span.offset + span.len {
+                    let positions = span.past + (token - span.offset) + 1;
+                    for head in 0..heads {
+                        let kv = head / group;
+                        let at = |cache: &[f32], p: usize| {
+                            cache[(p * kv_heads + kv) * hd..][..hd].to_vec()
+                        };
+                        let query = &q[(head * 3 + token) * hd..][..hd];
+                        let mut weights: Vec<f32> = (0..positions)
+                            .map(|p| dot(query, &at(&keys[row], p)) * scale)
+                            .collect();
+                        let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+                        let mut sum = 0f32;
+                        for w in &mut weights {
+                            *w = (*w - max).exp();
+                            sum += *w;
+                        }
+                        let inverse = 1.0 / sum;
+                        let mut expected = vec![0f32; hd];
+                        for (p, &w) in weights.iter().enumerate() {
+                            for (e, v) in expected.iter_mut().zip(at(&values[row], p)) {
+                                *e += w * inverse * v;
+                            }
+                        }
+                        let out = &got[(token * heads + head) * hd..][..hd];
+                        assert_eq!(
+                            out,
+                            expected.as_slice(),
+                            "hd {hd} token {token} head {head}"
+                        );
+                    }
+                }
             }
         }
     }
