@@ -577,17 +577,26 @@ impl QuantMatrix {
 /// separate multiply and add. So the result does not depend on the batch, the vector width or
 /// the kernel. The order matters on real models: the offset nearly cancels the main term, and
 /// plain sequential summation moved one of SmolLM2's first-step log-probabilities by 0.3.
+///
+/// `W` columns are summed side by side: 8 for one AVX2 register of partial sums, 16 for an
+/// AVX-512 one. Each column's arithmetic is the same for every `W`.
 #[inline(always)]
-fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, out: &mut [f32]) {
+fn add_offsets_generic<const W: usize>(
+    mins: &[f32],
+    sums: &[f32],
+    blocks: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
     const LANES: usize = 8;
     let full = blocks / LANES * LANES;
     for row in 0..rows {
         let row_sums = &sums[row * blocks..][..blocks];
         let row_out = &mut out[row * COLUMNS_PER_TASK..][..COLUMNS_PER_TASK];
-        // Eight columns at a time, so that the eight partial sums stay in registers.
-        for (chunk, chunk_out) in row_out.chunks_exact_mut(PANEL).enumerate() {
-            let min_at = |block: usize| &mins[block * COLUMNS_PER_TASK + chunk * PANEL..][..PANEL];
-            let mut partials = [[0f32; PANEL]; LANES];
+        // `W` columns at a time, so that the eight partial sums stay in registers.
+        for (chunk, chunk_out) in row_out.chunks_exact_mut(W).enumerate() {
+            let min_at = |block: usize| &mins[block * COLUMNS_PER_TASK + chunk * W..][..W];
+            let mut partials = [[0f32; W]; LANES];
             for first in (0..full).step_by(LANES) {
                 for (lane, partial) in partials.iter_mut().enumerate() {
                     let block = first + lane;
@@ -596,7 +605,7 @@ fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, o
                     }
                 }
             }
-            let mut offsets = [0f32; PANEL];
+            let mut offsets = [0f32; W];
             for partial in &partials {
                 for (offset, &value) in offsets.iter_mut().zip(partial) {
                     *offset += value;
@@ -614,14 +623,19 @@ fn add_offsets_generic(mins: &[f32], sums: &[f32], blocks: usize, rows: usize, o
     }
 }
 
-/// Quantises each block of 32 activations to int8 with scale `max|x| / 127`, with AVX2 code
-/// where `kernel` uses it. Rounding is exact on both paths, so the results are the same.
+/// Quantises each block of 32 activations to int8 with scale `max|x| / 127`, with AVX2 or
+/// AVX-512 code where `kernel` uses it. Rounding is exact on every path, so the results are the
+/// same.
 fn quantize_rows(kernel: Kernel, x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
     match kernel {
         Kernel::Scalar => quantize_rows_generic(x, rows, in_features),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: both SIMD kernels are chosen only on CPUs with AVX2.
-        Kernel::Avx2 | Kernel::Vnni => unsafe { simd::quantize_rows(x, rows, in_features) },
+        // SAFETY: `detect` and `available` return Avx2 only after checking the CPU for it.
+        Kernel::Avx2 => unsafe { simd::quantize_rows(x, rows, in_features) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the VNNI kernel is chosen only on CPUs with AVX-512 VNNI and VL, which come
+        // with AVX-512F.
+        Kernel::Vnni => unsafe { simd::quantize_rows_avx512(x, rows, in_features) },
     }
 }
 
@@ -735,10 +749,14 @@ impl Kernel {
     /// The result is the same on every path.
     fn add_offsets(self, mins: &[f32], sums: &[f32], blocks: usize, rows: usize, out: &mut [f32]) {
         match self {
-            Self::Scalar => add_offsets_generic(mins, sums, blocks, rows, out),
+            Self::Scalar => add_offsets_generic::<PANEL>(mins, sums, blocks, rows, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: both SIMD kernels are chosen only on CPUs with AVX2.
-            Self::Avx2 | Self::Vnni => unsafe { simd::add_offsets(mins, sums, blocks, rows, out) },
+            // SAFETY: `detect` and `available` return Avx2 only after checking the CPU for it.
+            Self::Avx2 => unsafe { simd::add_offsets(mins, sums, blocks, rows, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` and `available` return Vnni only after checking the CPU for
+            // AVX-512 VNNI and VL, which come with AVX-512F.
+            Self::Vnni => unsafe { simd::add_offsets_avx512(mins, sums, blocks, rows, out) },
         }
     }
 }
@@ -1153,6 +1171,19 @@ mod simd {
         quantize_rows_generic(x, rows, in_features)
     }
 
+    /// Runs [`quantize_rows_generic`] compiled for AVX-512F, with the same results.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub(super) unsafe fn quantize_rows_avx512(
+        x: &[f32],
+        rows: usize,
+        in_features: usize,
+    ) -> QuantizedRows {
+        quantize_rows_generic(x, rows, in_features)
+    }
+
     /// Runs [`add_offsets_generic`] compiled for AVX2, which vectorises its loop over 64 columns.
     ///
     /// # Safety
@@ -1165,7 +1196,22 @@ mod simd {
         rows: usize,
         out: &mut [f32],
     ) {
-        add_offsets_generic(mins, sums, blocks, rows, out);
+        add_offsets_generic::<PANEL>(mins, sums, blocks, rows, out);
+    }
+
+    /// Runs [`add_offsets_generic`] compiled for AVX-512F, sixteen columns per register.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub(super) unsafe fn add_offsets_avx512(
+        mins: &[f32],
+        sums: &[f32],
+        blocks: usize,
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        add_offsets_generic::<16>(mins, sums, blocks, rows, out);
     }
 
     const _: () = assert!(PANEL == 8);
