@@ -103,6 +103,8 @@ struct QuantizedRows {
     values: Vec<i8>,
     scales: Vec<f32>,
     int_sums: Vec<i32>,
+    /// `(rows, in / 32, 2)` integer sums of each block's two halves of 16.
+    half_sums: Vec<i32>,
     sums: Vec<f32>,
 }
 
@@ -645,6 +647,7 @@ fn quantize_rows_generic(x: &[f32], rows: usize, in_features: usize) -> Quantize
     let mut values = vec![0i8; rows * in_features];
     let mut scales = vec![0f32; rows * blocks];
     let mut int_sums = vec![0i32; rows * blocks];
+    let mut half_sums = vec![0i32; rows * blocks * 2];
     let mut sums = vec![0f32; rows * blocks];
     for (index, (chunk, out)) in x
         .chunks_exact(BLOCK)
@@ -654,19 +657,22 @@ fn quantize_rows_generic(x: &[f32], rows: usize, in_features: usize) -> Quantize
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let mut total = 0i32;
-        for (o, &v) in out.iter_mut().zip(chunk) {
+        let mut halves = [0i32; 2];
+        for (element, (o, &v)) in out.iter_mut().zip(chunk).enumerate() {
             *o = (v * inverse).round() as i8;
-            total += *o as i32;
+            halves[element / 16] += *o as i32;
         }
+        let total = halves[0] + halves[1];
         scales[index] = scale;
         int_sums[index] = total;
+        half_sums[2 * index..2 * index + 2].copy_from_slice(&halves);
         sums[index] = scale * total as f32;
     }
     QuantizedRows {
         values,
         scales,
         int_sums,
+        half_sums,
         sums,
     }
 }
@@ -959,9 +965,8 @@ mod simd {
     /// Computes the panel's tile with AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies
     /// unsigned by signed bytes and adds groups of four into 32-bit lanes.
     /// - Unsigned weights (nibbles, 5-bit values) go in as they are.
-    /// - Q8_0-style weights are made unsigned by adding 128, which adds `128 · Σx` to the dot,
-    ///   so that is subtracted again.
-    /// - Sub-scaled weights use `|w| · (x · sign(w))`, one sum per half.
+    /// - Signed weights are made unsigned by adding 128, which adds `128 · Σx` to the dot, so
+    ///   that is subtracted again. Sub-scaled weights do the same for each half of 16.
     ///
     /// # Safety
     /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
@@ -996,15 +1001,14 @@ mod simd {
             // SAFETY: `block < blocks`, and every row contains `in_features` values.
             unsafe {
                 let mut weights = load_block::<K>(panel, block);
-                let mut magnitudes = weights;
                 let mut subs = [_mm256_setzero_si256(); 2];
-                if K == SIGNED {
+                if K == SIGNED || K == SUB_SCALED {
                     let flip = _mm256_set1_epi8(-128);
                     for w in &mut weights {
                         *w = _mm256_xor_si256(*w, flip);
                     }
-                } else if K == SUB_SCALED {
-                    magnitudes = weights.map(|w| _mm256_sign_epi8(w, w));
+                }
+                if K == SUB_SCALED {
                     subs = load_subs(panel, block);
                 }
                 let block_scales = _mm256_loadu_ps(panel.scales.as_ptr().add(block * PANEL));
@@ -1018,12 +1022,16 @@ mod simd {
                         let mut lo = _mm256_setzero_si256();
                         let mut hi = _mm256_setzero_si256();
                         for group in 0..4 {
-                            let x_lo = _mm256_sign_epi8(broadcast_group(x, group), weights[group]);
-                            lo = _mm256_dpbusd_epi32(lo, magnitudes[group], x_lo);
-                            let x_hi =
-                                _mm256_sign_epi8(broadcast_group(x, group + 4), weights[group + 4]);
-                            hi = _mm256_dpbusd_epi32(hi, magnitudes[group + 4], x_hi);
+                            lo = _mm256_dpbusd_epi32(lo, weights[group], broadcast_group(x, group));
+                            hi = _mm256_dpbusd_epi32(
+                                hi,
+                                weights[group + 4],
+                                broadcast_group(x, group + 4),
+                            );
                         }
+                        let halves = &activations.half_sums[(row * blocks + block) * 2..];
+                        lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(128 * halves[0]));
+                        hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(128 * halves[1]));
                         scale_halves(lo, hi, subs)
                     } else {
                         let mut even = _mm256_setzero_si256();
@@ -1412,6 +1420,7 @@ mod tests {
             let got = quantize_rows(kernel, &x, 1, 32);
             assert_eq!(got.values, scalar.values, "{kernel:?}");
             assert_eq!(got.int_sums, scalar.int_sums, "{kernel:?}");
+            assert_eq!(got.half_sums, scalar.half_sums, "{kernel:?}");
         }
     }
 
