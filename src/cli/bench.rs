@@ -44,8 +44,8 @@ pub struct BenchArgs {
     json: bool,
     /// Time the quantised matmul kernels alone instead of the engine, with the `--concurrency`
     /// levels and `--prefill-tokens` as batch sizes. Every type with a batched kernel is timed
-    /// on random weights of the model's projection shapes, K-quants only where the inner size
-    /// is a multiple of 256.
+    /// on random weights of the model's projection and output shapes, K-quants only where the
+    /// inner size is a multiple of 256.
     #[arg(long)]
     kernels: bool,
 }
@@ -160,7 +160,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Times the kernels on the model's three projection shapes and prints the results.
+/// Times the kernels on the model's three projection shapes and its output layer's, and
+/// prints the results.
 fn run_kernels(args: &BenchArgs, patient: &LoadedModel) -> anyhow::Result<()> {
     let config = patient.model.config();
     let hidden = config.hidden_size;
@@ -168,6 +169,7 @@ fn run_kernels(args: &BenchArgs, patient: &LoadedModel) -> anyhow::Result<()> {
         (hidden, hidden),
         (config.intermediate_size, hidden),
         (hidden, config.intermediate_size),
+        (config.vocab_size, hidden),
     ];
     let mut batch_sizes = args.concurrency.clone();
     batch_sizes.push(args.prefill_tokens);
