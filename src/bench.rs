@@ -284,20 +284,9 @@ pub fn kernel_timings(
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
 
-    use crate::model::qgemm::QuantMatrix;
+    // The ratios are to Q8_0, the first of the list.
+    use crate::model::qgemm::{QuantMatrix, NATIVE_TYPES as TYPES};
 
-    // Q8_0 first: the ratios are to it.
-    const TYPES: [GgmlDType; 9] = [
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
     if batch_sizes.contains(&0) {
         return Err(candle_core::Error::Msg(
             "invalid batch size 0: every batch needs at least one row".into(),

@@ -638,17 +638,7 @@ fn real_model_k_quant_mix_matches_dense() {
         .encode(text, llmdoctor::tokenizer::SpecialTokens::AsText)
         .unwrap();
     let logprobs = |model: &Llama| -> Vec<Vec<f32>> {
-        let mut cache = KvCache::new();
-        let logits = model
-            .forward(&mut [Row {
-                tokens: &ids,
-                cache: &mut cache,
-                adapter: None,
-                logits: LogitsSelection::All,
-            }])
-            .unwrap()
-            .remove(0);
-        llmdoctor::model::llama::log_softmax(&logits)
+        llmdoctor::model::llama::log_softmax(&logits_with(model, None, &ids))
             .unwrap()
             .to_vec2()
             .unwrap()

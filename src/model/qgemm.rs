@@ -6,8 +6,8 @@
 //! On SmolLM2's shapes, candle 0.11's quantised matmul cost about as much per row at 16 rows as
 //! at one (measured: `docs/benchmarks.md`). Here the weight matrix `(out, in)` is walked once.
 //! Activations are quantised per block of 32 to int8, as llama.cpp does. The weights' offsets
-//! (the minimums of Q4_1, Q5_1 and the K-quants with minimums) meet the activations' block sums
-//! after the integer loop, 64 output columns at a time.
+//! (the minimums of Q4_1, Q5_1, Q4_K and Q5_K, and Q4_0's implied −8 · scale) meet the
+//! activations' block sums after the integer loop, 64 output columns at a time.
 //!
 //! Every supported type decodes exactly to blocks of 32 integers `q` with an f32 scale, an
 //! optional f32 minimum, and for Q3_K and Q6_K an integer sub-scale per 16 values:
@@ -33,6 +33,18 @@ use rayon::prelude::*;
 const BLOCK: usize = 32;
 /// Values per K-quant super-block.
 const SUPER_BLOCK: usize = 256;
+/// Every GGUF type with a batched kernel here, Q8_0 first.
+pub const NATIVE_TYPES: [GgmlDType; 9] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
 /// Output columns per panel: one f32 vector of 256 bits.
 const PANEL: usize = 8;
 /// Output columns per parallel task.
@@ -83,7 +95,7 @@ pub struct QuantMatrix {
     kind: Kind,
     /// `(panels, in / 32, groups, 8 columns, 4)` bytes, the last panel zero-padded. Group `k`
     /// of a block contains elements `4k..4k+4` (8 groups), or for [`Kind::Nibbles`] bytes
-    /// `4k..4k+4` of the GGUF-style packing (4 groups), where byte `j` holds element `j` in its
+    /// `4k..4k+4` of the GGUF-style packing (4 groups), where byte `j` contains element `j` in its
     /// low nibble and element `j + 16` in its high nibble. [`Kind::Signed`] and
     /// [`Kind::SubScaled`] bytes are int8.
     data: Vec<u8>,
@@ -115,6 +127,40 @@ struct Panel<'a> {
     data: &'a [u8],
     scales: &'a [f32],
     subs: &'a [i8],
+}
+
+impl Panel<'_> {
+    /// Returns the integer `q` of element `element` of block `block` in column `lane`, read as
+    /// `kind` stores it.
+    fn q(self, kind: Kind, block: usize, element: usize, lane: usize) -> i32 {
+        match kind {
+            Kind::Nibbles => {
+                let byte = element % 16;
+                let packed = self.data[((block * 4 + byte / 4) * PANEL + lane) * 4 + byte % 4];
+                (if element < 16 {
+                    packed & 0x0F
+                } else {
+                    packed >> 4
+                }) as i32
+            }
+            Kind::Unsigned => {
+                self.data[((block * 8 + element / 4) * PANEL + lane) * 4 + element % 4] as i32
+            }
+            Kind::Signed | Kind::SubScaled => {
+                self.data[((block * 8 + element / 4) * PANEL + lane) * 4 + element % 4] as i8 as i32
+            }
+        }
+    }
+
+    /// Returns the sub-scale of half `half` (0 or 1) of block `block` in column `lane`: 1 for
+    /// the kinds without sub-scales.
+    fn sub(self, kind: Kind, block: usize, half: usize, lane: usize) -> i32 {
+        if kind == Kind::SubScaled {
+            self.subs[(block * 2 + half) * PANEL + lane] as i32
+        } else {
+            1
+        }
+    }
 }
 
 /// One block of 32 weights decoded exactly: `w[i] = scale · sub[i / 16] · q[i] + min`.
@@ -183,7 +229,7 @@ fn q3k_scales(packed: &[u8]) -> [i8; 16] {
 }
 
 /// Decodes one GGUF block of `dtype` (one block of 32 or one super-block of 256 values) and
-/// passes its blocks of 32 to `emit` in order. The formulas follow ggml's dequantisation; the
+/// passes its blocks of 32 to `emit` in order. The formulas follow ggml's dequantisation. The
 /// result is exact, so dequantising a [`Decoded`] gives candle's values bit for bit.
 fn decode_block(dtype: GgmlDType, bytes: &[u8], mut emit: impl FnMut(Decoded)) {
     match dtype {
@@ -423,34 +469,12 @@ impl QuantMatrix {
 
     /// Returns the integer `q` and the sub-scale of `column`'s element `element` of `block`.
     fn weight_parts(&self, column: usize, block: usize, element: usize) -> (i32, i32) {
-        let blocks = self.in_features / BLOCK;
-        let q = match self.kind {
-            Kind::Nibbles => {
-                let byte = element % 16;
-                let at = panel_index(column, block, byte / 4, byte % 4, blocks, 4);
-                let packed = self.data[at];
-                (if element < 16 {
-                    packed & 0x0F
-                } else {
-                    packed >> 4
-                }) as i32
-            }
-            Kind::Unsigned => {
-                self.data[panel_index(column, block, element / 4, element % 4, blocks, 8)] as i32
-            }
-            Kind::Signed | Kind::SubScaled => {
-                self.data[panel_index(column, block, element / 4, element % 4, blocks, 8)] as i8
-                    as i32
-            }
-        };
-        let sub = if self.kind == Kind::SubScaled {
-            let half = element / 16;
-            self.subs[((column / PANEL * blocks + block) * 2 + half) * PANEL + column % PANEL]
-                as i32
-        } else {
-            1
-        };
-        (q, sub)
+        let panel = self.panel(column / PANEL);
+        let lane = column % PANEL;
+        (
+            panel.q(self.kind, block, element, lane),
+            panel.sub(self.kind, block, element / 16, lane),
+        )
     }
 
     /// Returns the weights as dense f32, `(out, in)` row-major, computed as candle's
@@ -627,8 +651,8 @@ fn add_offsets_generic<const W: usize>(
 
 /// Quantises each block of 32 activations to int8 with scale `max|x| / 127`, with AVX2 code
 /// where `kernel` uses it. Rounding is exact on both paths, so the results are the same.
-/// (An AVX-512F build of this loop measured slower than the AVX2 one, so the VNNI kernel uses
-/// the AVX2 code too.)
+/// An AVX-512F build of this loop measured slower than the AVX2 one, so the VNNI kernel uses
+/// the AVX2 code too.
 fn quantize_rows(kernel: Kernel, x: &[f32], rows: usize, in_features: usize) -> QuantizedRows {
     match kernel {
         Kernel::Scalar => quantize_rows_generic(x, rows, in_features),
@@ -798,26 +822,6 @@ fn tile_scalar(
     out: &mut [f32],
 ) {
     let in_features = blocks * BLOCK;
-    let weight = |block: usize, element: usize, lane: usize| -> i32 {
-        match kind {
-            Kind::Nibbles => {
-                let byte = element % 16;
-                let packed = panel.data[((block * 4 + byte / 4) * PANEL + lane) * 4 + byte % 4];
-                (if element < 16 {
-                    packed & 0x0F
-                } else {
-                    packed >> 4
-                }) as i32
-            }
-            Kind::Unsigned => {
-                panel.data[((block * 8 + element / 4) * PANEL + lane) * 4 + element % 4] as i32
-            }
-            Kind::Signed | Kind::SubScaled => {
-                panel.data[((block * 8 + element / 4) * PANEL + lane) * 4 + element % 4] as i8
-                    as i32
-            }
-        }
-    };
     for row in start..start + count {
         let mut acc = [0f32; PANEL];
         for block in 0..blocks {
@@ -826,14 +830,10 @@ fn tile_scalar(
             for (lane, sum) in acc.iter_mut().enumerate() {
                 let mut halves = [0i32; 2];
                 for (element, &a) in x.iter().enumerate() {
-                    halves[element / 16] += weight(block, element, lane) * a as i32;
+                    halves[element / 16] += panel.q(kind, block, element, lane) * a as i32;
                 }
-                let dot = if kind == Kind::SubScaled {
-                    let sub = |half: usize| panel.subs[(block * 2 + half) * PANEL + lane] as i32;
-                    halves[0] * sub(0) + halves[1] * sub(1)
-                } else {
-                    halves[0] + halves[1]
-                };
+                let dot = halves[0] * panel.sub(kind, block, 0, lane)
+                    + halves[1] * panel.sub(kind, block, 1, lane);
                 *sum += dot as f32 * (panel.scales[block * PANEL + lane] * x_scale);
             }
         }
@@ -861,7 +861,7 @@ mod simd {
         unsafe { _mm256_set1_epi32((block.add(group * 4) as *const i32).read_unaligned()) }
     }
 
-    /// Eight vectors with the panel's weights of one block, group `k` in vector `k`: the
+    /// Loads the panel's weights of one block into eight vectors, group `k` in vector `k`: the
     /// stored bytes, or for [`Kind::Nibbles`] the unpacked unsigned nibbles.
     ///
     /// # Safety
@@ -1234,18 +1234,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// Every type with a kernel here.
-    const TYPES: [GgmlDType; 9] = [
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
+    use super::NATIVE_TYPES as TYPES;
 
     /// Returns `at_least` rounded up to a whole number of `dtype`'s blocks.
     fn width(dtype: GgmlDType, at_least: usize) -> usize {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::qgemm::QuantMatrix;
+use super::qgemm::{QuantMatrix, NATIVE_TYPES};
 use super::ModelError;
 
 /// The in-memory format of the weights.
@@ -436,7 +436,25 @@ fn apply_policy(q: QTensor, policy: QuantPolicy, device: &Device) -> Result<QTen
     Ok(q)
 }
 
-/// Returns whether [`QuantPolicy::FastTypes`] requantises `dtype` to Q8_0.
+/// Returns whether [`QuantPolicy::FastTypes`] requantises `dtype` to Q8_0: every block type
+/// without a batched kernel (of the types GGUF files use, only Q2_K).
 fn needs_requantising(dtype: GgmlDType) -> bool {
-    dtype == GgmlDType::Q2K
+    let dense = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    !dense && !NATIVE_TYPES.contains(&dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_policy_requantises_only_q2_k() {
+        assert!(needs_requantising(GgmlDType::Q2K));
+        for dtype in NATIVE_TYPES {
+            assert!(!needs_requantising(dtype), "{dtype:?}");
+        }
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+            assert!(!needs_requantising(dtype), "{dtype:?}");
+        }
+    }
 }
