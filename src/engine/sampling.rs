@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
-use super::steering::{argmax, exp, lane_sum, LogNormaliser};
+use super::steering::{argmax, exp, lane_sum, max_and_argmax, LogNormaliser};
 
 mod params;
 
@@ -199,12 +199,18 @@ impl Sampler {
         apply_repetition_penalty(scores, history, self.params.penalties().repetition);
         apply_output_penalties(scores, history, self.params.penalties());
 
+        if scores.is_empty() {
+            return Err(EmptyScoresError);
+        }
+        let (max_score, top) = max_and_argmax(scores);
         let token = match *self.params.decoding() {
-            Decoding::Greedy => argmax(scores.iter().copied()).ok_or(EmptyScoresError)?,
-            Decoding::Random(random) => self.draw(scores, &random).ok_or(EmptyScoresError)?,
+            Decoding::Greedy => top.unwrap_or(0),
+            Decoding::Random(random) => self
+                .draw(scores, max_score, &random)
+                .ok_or(EmptyScoresError)?,
         };
 
-        let normaliser = LogNormaliser::of(scores);
+        let normaliser = LogNormaliser::with_max(scores, max_score);
         let logprob = normaliser.log_prob(scores[token as usize]);
         let top_logprobs = match self.params.top_logprobs() {
             Some(count) if count > 0 => self.most_likely(scores, count, normaliser),
@@ -219,8 +225,7 @@ impl Sampler {
 
     /// Draws a token after temperature, min-p, top-k and top-p. Returns `None` only for an
     /// empty row.
-    fn draw(&mut self, scores: &[f32], random: &RandomSampling) -> Option<u32> {
-        let max_score = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    fn draw(&mut self, scores: &[f32], max_score: f32, random: &RandomSampling) -> Option<u32> {
         let inverse_temperature = random.temperature.recip();
         let unit: f64 = self.rng.gen();
         let truncates = random.top_k.is_some_and(|k| k < scores.len())
@@ -246,7 +251,7 @@ impl Sampler {
         );
         if self.candidates.is_empty() {
             // Only an empty row, or one whose maximum is not finite, gets here.
-            return argmax(scores.iter().copied());
+            return argmax(scores);
         }
 
         let mut sorted = false;
@@ -384,7 +389,7 @@ fn draw_untruncated(
         }
     }
     // Rounding can leave the running sum at or just below `target`.
-    last_possible.or_else(|| argmax(scores.iter().copied()))
+    last_possible.or_else(|| argmax(scores))
 }
 
 /// Picks a candidate with probability proportional to its weight, given a uniform `unit` in

@@ -108,28 +108,32 @@ pub fn combine(
         return unsteered(patient, out);
     }
 
-    let patient_normaliser = LogNormaliser::of(patient);
+    let (patient_max, patient_argmax) = max_and_argmax(patient);
+    let patient_argmax = patient_argmax.unwrap_or(0);
+    let patient_normaliser = LogNormaliser::with_max(patient, patient_max);
+    // The weighted sum of raw logits differs from the weighted sum of log-probabilities only
+    // by a constant, and the renormalisation below removes it. Skipping the per-row
+    // normalisers saves two passes over the vocabulary per doctor.
     out.clear();
     out.resize(patient.len(), 0.0);
     if input.alpha != 0.0 {
         for (combined, &logit) in out.iter_mut().zip(patient) {
-            *combined = input.alpha * patient_normaliser.log_prob(logit);
+            *combined = input.alpha * logit;
         }
     }
     for doctor in input.doctors.iter().filter(|doctor| doctor.beta != 0.0) {
-        let normaliser = LogNormaliser::of(doctor.logits);
         for (combined, &logit) in out.iter_mut().zip(doctor.logits) {
-            *combined += doctor.beta * normaliser.log_prob(logit);
+            *combined += doctor.beta * logit;
         }
     }
-    log_softmax_in_place(out);
+    let (steered_max, steered_argmax) = max_and_argmax(out);
+    let steered_argmax = steered_argmax.unwrap_or(0);
+    let normaliser = LogNormaliser::with_max(out, steered_max);
+    for score in out.iter_mut() {
+        *score = normaliser.log_prob(*score);
+    }
 
     let kl_steered_patient = kl_divergence(out, patient, patient_normaliser);
-    let patient_log_probs = patient
-        .iter()
-        .map(|&logit| patient_normaliser.log_prob(logit));
-    let patient_argmax = argmax(patient_log_probs).ok_or(SteeringError::EmptyPatient)?;
-    let steered_argmax = argmax(out.iter().copied()).ok_or(SteeringError::EmptyPatient)?;
     Ok(SteeringStats {
         kl_steered_patient,
         patient_argmax,
@@ -140,10 +144,11 @@ pub fn combine(
 /// Computes the fast path of [`combine`]: the patient's own log-probabilities, untouched by
 /// any arithmetic that could change a bit.
 fn unsteered(patient: &[f32], out: &mut Vec<f32>) -> Result<SteeringStats, SteeringError> {
+    let (max, top) = max_and_argmax(patient);
+    let normaliser = LogNormaliser::with_max(patient, max);
     out.clear();
-    out.extend_from_slice(patient);
-    log_softmax_in_place(out);
-    let top = argmax(out.iter().copied()).ok_or(SteeringError::EmptyPatient)?;
+    out.extend(patient.iter().map(|&logit| normaliser.log_prob(logit)));
+    let top = top.unwrap_or(0);
     Ok(SteeringStats {
         kl_steered_patient: 0.0,
         patient_argmax: top,
@@ -180,19 +185,44 @@ pub fn log_softmax_in_place(v: &mut [f32]) {
 }
 
 /// Returns the index of the largest value, the lowest index on ties, or `None` for an empty
-/// input. NaN never wins unless every value is NaN.
-pub fn argmax(values: impl IntoIterator<Item = f32>) -> Option<u32> {
-    let mut best: Option<(u32, f32)> = None;
-    for (index, value) in (0_u32..).zip(values) {
-        let is_better = match best {
-            None => true,
-            Some((_, best_value)) => value > best_value || best_value.is_nan(),
-        };
-        if is_better {
-            best = Some((index, value));
+/// input. NaN never wins, and a row with nothing above −∞ gives index 0.
+pub fn argmax(values: &[f32]) -> Option<u32> {
+    if values.is_empty() {
+        return None;
+    }
+    Some(max_and_argmax(values).1.unwrap_or(0))
+}
+
+/// Returns the largest value of `v` other than NaN (−∞ when there is none) and its lowest
+/// index, or `None` for the index when no value is above −∞.
+///
+/// Sixteen lanes each keep their best value and the block it came from. Comparisons are
+/// selects, so the loop vectorises, unlike a fold over `f32::max`.
+pub(crate) fn max_and_argmax(v: &[f32]) -> (f32, Option<u32>) {
+    const LANES: usize = 16;
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut block = [0_u32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for (index, chunk) in (0_u32..).zip(chunks) {
+        for ((best, block), &x) in best.iter_mut().zip(&mut block).zip(chunk) {
+            let better = x > *best;
+            *best = if better { x } else { *best };
+            *block = if better { index } else { *block };
         }
     }
-    best.map(|(index, _)| index)
+    let mut max = f32::NEG_INFINITY;
+    let mut at = None;
+    let candidates = (0..LANES).map(|lane| (block[lane] * LANES as u32 + lane as u32, best[lane]));
+    let start = (v.len() - tail.len()) as u32;
+    for (index, x) in candidates.chain((start..).zip(tail.iter().copied())) {
+        let better = x > max || (x == max && at.is_some_and(|at| index < at));
+        if better && x > f32::NEG_INFINITY {
+            max = x;
+            at = Some(index);
+        }
+    }
+    (max, at)
 }
 
 /// The maximum of a row of scores and `log Σ exp(v − max)`, which together turn any score of
@@ -208,7 +238,11 @@ impl LogNormaliser {
     /// Measures `v`. A row with no finite maximum (empty, or all −∞) gets the identity, so its
     /// entries pass through unchanged.
     pub(crate) fn of(v: &[f32]) -> Self {
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        Self::with_max(v, max_and_argmax(v).0)
+    }
+
+    /// Measures `v` whose maximum (ignoring NaN) is already known.
+    pub(crate) fn with_max(v: &[f32], max: f32) -> Self {
         if max == f32::NEG_INFINITY {
             return Self {
                 max: 0.0,
@@ -387,9 +421,9 @@ mod tests {
 
     #[test]
     fn argmax_picks_lowest_index_on_ties() {
-        assert_eq!(argmax([1.0, 3.0, 3.0, 2.0]), Some(1));
-        assert_eq!(argmax([f32::NAN, 1.0, 1.0]), Some(1));
-        assert_eq!(argmax(std::iter::empty()), None);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, 1.0, 1.0]), Some(1));
+        assert_eq!(argmax(&[]), None);
     }
 
     /// Builds a row of varied logits as long as SmolLM2's vocabulary, so the bitwise checks
@@ -417,7 +451,7 @@ mod tests {
         let expected_bits: Vec<u32> = expected.iter().map(|x| x.to_bits()).collect();
         assert_eq!(out_bits, expected_bits);
         assert_eq!(stats.kl_steered_patient, 0.0);
-        assert_eq!(Some(stats.patient_argmax), argmax(patient.iter().copied()));
+        assert_eq!(Some(stats.patient_argmax), argmax(&patient));
         assert!(!stats.changed_top_token());
         Ok(())
     }
@@ -617,7 +651,31 @@ mod tests {
         })
     }
 
+    /// Values from a small set, so that ties, NaN and −∞ land in every lane and in the tail.
+    fn lane_values() -> impl Strategy<Value = Vec<f32>> {
+        let value = prop_oneof![
+            Just(f32::NAN),
+            Just(f32::NEG_INFINITY),
+            Just(f32::INFINITY),
+            (-3_i32..4).prop_map(|v| v as f32),
+        ];
+        prop::collection::vec(value, 0..80)
+    }
+
     proptest! {
+        #[test]
+        fn max_and_argmax_match_a_scan(values in lane_values()) {
+            let mut expected: (f32, Option<u32>) = (f32::NEG_INFINITY, None);
+            for (index, &x) in (0_u32..).zip(&values) {
+                if x > expected.0 {
+                    expected = (x, Some(index));
+                }
+            }
+            let (max, at) = max_and_argmax(&values);
+            prop_assert_eq!(at, expected.1);
+            prop_assert_eq!(max.to_bits(), expected.0.to_bits());
+        }
+
         #[test]
         fn combine_output_is_normalised_with_nonnegative_kl(rows in step_rows()) {
             let doctors: Vec<DoctorLogits<'_>> = rows
