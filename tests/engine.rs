@@ -120,6 +120,7 @@ fn write_doctor(
         target_modules: vec!["down_proj".into()],
         peft_type: "LORA".into(),
         base_model_name_or_path: None,
+        layers_to_transform: None,
     };
     std::fs::write(
         dir.join("adapter_config.json"),
@@ -608,6 +609,42 @@ fn doctor_with_separate_base_runs_its_own_forward() {
         plain.ids, steered.ids,
         "a doctor with its own weights must change the output"
     );
+}
+
+/// The marker doctor changes only the last layer, so its rows take over the patient row's
+/// hidden states below it. The same adapter on a separate copy of the patient runs every layer
+/// in its own forward, and must sample exactly the same tokens.
+#[test]
+fn forked_doctor_rows_match_a_full_forward() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let doctors_dir = tiny.registry.dir().to_path_buf();
+    write_doctor(
+        &doctors_dir,
+        "marker-copy",
+        &marker_adapter(&tiny.patient, MARKER, 40.0, 3),
+        DoctorBaseSpec::Path("base.gguf".into()),
+    );
+    let patient_file = doctors_dir.parent().unwrap().join("tiny.gguf");
+    std::fs::copy(patient_file, doctors_dir.join("marker-copy/base.gguf")).unwrap();
+    tiny.registry.load("marker-copy").unwrap();
+    let plain = run(
+        &tiny.engine,
+        request(PROMPT, 32, sampling(1.0, Some(9)), Steering::default()),
+    );
+    let [forked, full] = ["marker", "marker-copy"].map(|name| {
+        run(
+            &tiny.engine,
+            request(
+                PROMPT,
+                32,
+                sampling(1.0, Some(9)),
+                steer(&tiny.registry, &[(name, 0.7)]),
+            ),
+        )
+    });
+    assert_ne!(forked.ids, plain.ids, "the doctor must change the output");
+    assert_eq!(forked.ids, full.ids);
+    assert_eq!(forked.changed_tokens, full.changed_tokens);
 }
 
 #[test]

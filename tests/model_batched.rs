@@ -81,6 +81,7 @@ fn write_adapter(dir: &Path, tensors: &HashMap<String, Tensor>, rank: usize, alp
             .collect(),
         peft_type: "LORA".into(),
         base_model_name_or_path: None,
+        layers_to_transform: None,
     };
     std::fs::write(
         dir.join("adapter_config.json"),
@@ -178,6 +179,7 @@ fn batched_vs_alone(model: &Llama, adapters: &[LoraAdapter]) -> (f32, f32) {
                     cache: &mut cache,
                     adapter,
                     logits: LogitsSelection::Last,
+                    fork_from: None,
                 }])
                 .unwrap();
         }
@@ -194,6 +196,7 @@ fn batched_vs_alone(model: &Llama, adapters: &[LoraAdapter]) -> (f32, f32) {
                 cache: &mut cache,
                 adapter: case.adapter.map(|a| &adapters[a]),
                 logits: LogitsSelection::All,
+                fork_from: None,
             }])
             .unwrap()
             .remove(0);
@@ -209,6 +212,7 @@ fn batched_vs_alone(model: &Llama, adapters: &[LoraAdapter]) -> (f32, f32) {
             cache,
             adapter: case.adapter.map(|a| &adapters[a]),
             logits: LogitsSelection::All,
+            fork_from: None,
         })
         .collect();
     let batched = model.forward(&mut rows).unwrap();
@@ -347,6 +351,7 @@ fn gguf_and_safetensors_give_same_logits() {
                 cache: &mut cache,
                 adapter: None,
                 logits: LogitsSelection::All,
+                fork_from: None,
             }])
             .unwrap()
             .remove(0)
@@ -380,6 +385,7 @@ fn every_supported_ggml_type_loads() {
                 cache: &mut cache,
                 adapter: None,
                 logits: LogitsSelection::All,
+                fork_from: None,
             }])
             .unwrap()
             .remove(0)
@@ -422,6 +428,7 @@ fn logits_with(model: &Llama, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Ten
             cache: &mut cache,
             adapter,
             logits: LogitsSelection::All,
+            fork_from: None,
         }])
         .unwrap()
         .remove(0)
@@ -669,4 +676,174 @@ fn real_model_k_quant_mix_matches_dense() {
         "argmax agrees at {same_argmax} of {}",
         got.len()
     );
+}
+
+/// Writes an adapter on the layers from `first` on, with `layers_to_transform` saying so.
+fn top_layer_adapter(dir: &Path, spec: &TinySpec, model: &Llama, first: usize) -> LoraAdapter {
+    let tensors: HashMap<String, Tensor> = random_peft_tensors(spec, 4, 300)
+        .into_iter()
+        .filter(|(name, _)| {
+            (first..spec.num_layers).any(|layer| name.contains(&format!(".layers.{layer}.")))
+        })
+        .collect();
+    write_adapter(dir, &tensors, 4, 8.0);
+    let mut config: AdapterConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    config.layers_to_transform = Some((first..spec.num_layers).collect());
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    load_adapter(dir, model)
+}
+
+/// Runs a patient row, a row under a full-depth adapter and a row under `top` through a
+/// prefill chunk and three decode steps, with the last row forking from the first or not.
+/// Returns every step's logits and the top row's cache size.
+fn patient_and_top_rows(
+    model: &Llama,
+    full: &LoraAdapter,
+    top: &LoraAdapter,
+    fork: bool,
+) -> (Vec<Vec<Tensor>>, usize) {
+    let prompt = tokens(3, 6);
+    let other = tokens(4, 9);
+    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new()).collect();
+    let mut steps = Vec::new();
+    let chunks: Vec<(Vec<u32>, Vec<u32>)> = std::iter::once((prompt, other))
+        .chain((0..3).map(|i| (vec![40 + i], vec![90 + i])))
+        .collect();
+    for (shared, own) in &chunks {
+        let [patient, middle, doctor] = &mut caches[..] else {
+            unreachable!()
+        };
+        let mut rows = vec![
+            Row {
+                tokens: shared,
+                cache: patient,
+                adapter: None,
+                logits: LogitsSelection::Last,
+                fork_from: None,
+            },
+            Row {
+                tokens: own,
+                cache: middle,
+                adapter: Some(full),
+                logits: LogitsSelection::All,
+                fork_from: None,
+            },
+            Row {
+                tokens: shared,
+                cache: doctor,
+                adapter: Some(top),
+                logits: LogitsSelection::Last,
+                fork_from: fork.then_some(0),
+            },
+        ];
+        steps.push(model.forward(&mut rows).unwrap());
+    }
+    (steps, caches[2].allocated_bytes())
+}
+
+/// A row whose adapter starts at layer 2 takes over the patient row's hidden states there.
+/// Quantised kernels do not depend on the batch, so the logits are bit-identical to running
+/// every layer, and the forked row's cache holds only the layer it runs.
+#[test]
+fn forked_rows_match_full_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        num_layers: 3,
+        ..TinySpec::default()
+    };
+    let weights = TinyWeights::random(spec).unwrap();
+    let path = write_gguf(dir.path(), &weights, GgmlDType::Q4_1);
+    let model = Llama::load(&path, &quantized(QuantPolicy::AsStored), &Device::Cpu).unwrap();
+    let top = top_layer_adapter(&dir.path().join("top"), &spec, &model, 2);
+    assert_eq!(top.first_layer(), 2);
+    let full = &two_adapters(dir.path(), &spec, &model)[0];
+
+    let (forked, forked_bytes) = patient_and_top_rows(&model, full, &top, true);
+    let (plain, plain_bytes) = patient_and_top_rows(&model, full, &top, false);
+    for (step, (a, b)) in forked.iter().zip(&plain).enumerate() {
+        for (row, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_eq!(max_abs_diff(a, b), 0.0, "step {step}, row {row}");
+        }
+    }
+    // The top adapter changes the output, so the comparison above covers its layer.
+    assert!(max_abs_diff(&forked[3][0], &forked[3][2]) > 1e-3);
+    assert!(
+        forked_bytes * 3 <= plain_bytes,
+        "{forked_bytes} vs {plain_bytes}"
+    );
+}
+
+#[test]
+fn invalid_forks_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        num_layers: 3,
+        ..TinySpec::default()
+    };
+    let weights = TinyWeights::random(spec).unwrap();
+    let path = write_gguf(dir.path(), &weights, GgmlDType::Q8_0);
+    let model = Llama::load(&path, &quantized(QuantPolicy::AsStored), &Device::Cpu).unwrap();
+    let top = top_layer_adapter(&dir.path().join("top"), &spec, &model, 2);
+    let full = &two_adapters(dir.path(), &spec, &model)[0];
+    let (a, b) = (tokens(1, 4), tokens(2, 4));
+    // Source row's tokens and adapter, the second row's `fork_from`, and the expected message.
+    type Case<'a> = (&'a [u32], Option<&'a LoraAdapter>, Option<usize>, &'a str);
+    let cases: [Case<'_>; 4] = [
+        (&b, None, Some(0), "different tokens"),
+        (&a, Some(full), Some(0), "changes layers below"),
+        (&a, None, Some(1), "start at layer 0"),
+        (&a, None, Some(5), "only 2 rows"),
+    ];
+    for (source_tokens, source_adapter, fork_from, expected) in cases {
+        let (mut first, mut second) = (KvCache::new(), KvCache::new());
+        let mut rows = [
+            Row {
+                tokens: source_tokens,
+                cache: &mut first,
+                adapter: source_adapter,
+                logits: LogitsSelection::Last,
+                fork_from: None,
+            },
+            Row {
+                tokens: &a,
+                cache: &mut second,
+                adapter: Some(&top),
+                logits: LogitsSelection::Last,
+                fork_from,
+            },
+        ];
+        let message = model.forward(&mut rows).unwrap_err().to_string();
+        assert!(message.contains(expected), "{message}");
+    }
+}
+
+#[test]
+fn adapters_outside_their_layers_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let model = Llama::load_from_weights(&TinyWeights::random(spec).unwrap());
+    write_adapter(dir.path(), &random_peft_tensors(&spec, 4, 7), 4, 8.0);
+    let config_path = dir.path().join("adapter_config.json");
+    for (layers, expected) in [
+        ("[1]", "which `layers_to_transform` leaves out"),
+        ("7", "names layer 7, but the model has 2 layers"),
+    ] {
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        config["layers_to_transform"] = serde_json::from_str(layers).unwrap();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = LoraAdapter::load(
+            &dir.path().join("adapter.safetensors"),
+            &config_path,
+            model.config(),
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+    }
 }

@@ -68,6 +68,7 @@ fn check_against_llamacpp(format: WeightFormat, bounds: &Bounds) -> Option<Agree
                 cache: &mut cache,
                 adapter: None,
                 logits: LogitsSelection::All,
+                fork_from: None,
             }])
             .unwrap()
             .remove(0);

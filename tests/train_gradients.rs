@@ -47,6 +47,7 @@ fn rank4_config() -> AdapterConfig {
         target_modules: Vec::new(),
         peft_type: "LORA".into(),
         base_model_name_or_path: None,
+        layers_to_transform: None,
     }
 }
 
@@ -233,6 +234,7 @@ fn relative_term_untrained_doctor_is_zero() {
             cache: &mut cache,
             adapter: None,
             logits: LogitsSelection::All,
+            fork_from: None,
         }];
         let hidden = model.forward_hidden(&mut rows).unwrap().remove(0);
         let len = response.token_ids.len();

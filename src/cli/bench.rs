@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// LoRA rank of the benchmark doctors (random adapters on every projection).
     #[arg(long, default_value_t = 8)]
     doctor_rank: usize,
+    /// Put the benchmark doctors' adapters on the top N layers only, as `llmdoctor train
+    /// --lora-layers N` does (default: every layer).
+    #[arg(long, value_name = "N")]
+    doctor_layers: Option<usize>,
     /// Print one JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,9 +72,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.kernels {
         return run_kernels(&args, &patient);
     }
+    let num_layers = patient.model.config().num_layers;
+    let doctor_layers = args.doctor_layers.unwrap_or(num_layers);
+    anyhow::ensure!(
+        (1..=num_layers).contains(&doctor_layers),
+        "`--doctor-layers {doctor_layers}` is out of range: the model has {num_layers} layers, \
+         so pass a number from 1 to {num_layers}"
+    );
     let doctors: Vec<Arc<Doctor>> = (0..2)
-        .map(|i| random_doctor(&patient, &format!("bench-{i}"), args.doctor_rank, i as u64))
+        .map(|i| {
+            let name = format!("bench-{i}");
+            random_doctor(&patient, &name, args.doctor_rank, doctor_layers, i as u64)
+        })
         .collect::<anyhow::Result<_>>()?;
+    let suffix = if doctor_layers < num_layers {
+        format!(" (top {doctor_layers} layers)")
+    } else {
+        String::new()
+    };
     let after_doctors = bench::resident_mib("VmRSS");
     let memory = serde_json::json!({
         "mode": "memory",
@@ -98,11 +117,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 doctors: Vec::new(),
             },
             BenchMode {
-                name: "1 doctor".into(),
+                name: format!("1 doctor{suffix}"),
                 doctors: vec![(doctors[0].clone(), 0.5)],
             },
             BenchMode {
-                name: "2 doctors".into(),
+                name: format!("2 doctors{suffix}"),
                 doctors: vec![(doctors[0].clone(), 0.5), (doctors[1].clone(), 0.5)],
             },
         ],
@@ -140,13 +159,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         mib(&memory["rss_after_two_doctors_mib"]),
         mib(&memory["adapter_mib_each"]),
     );
+    let width = results.iter().map(|r| r.mode.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<10} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:<width$} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "mode", "conc", "decode tok/s", "ITL p50 ms", "ITL p95 ms", "TTFT ms", "ratio", "peak MiB"
     );
     for r in &results {
         println!(
-            "{:<10} {:>4} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9}",
+            "{:<width$} {:>4} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9}",
             r.mode,
             r.concurrency,
             r.decode_tokens_per_second,
@@ -221,15 +241,17 @@ fn prefill_prompt(patient: &LoadedModel, tokens: usize) -> anyhow::Result<Vec<u3
     }
 }
 
-/// Builds a doctor on the patient's base with a random rank-`rank` adapter on every projection, so it
-/// costs what a trained doctor costs.
+/// Builds a doctor on the patient's base with a random rank-`rank` adapter on every projection
+/// of the top `layers` layers, so it costs what a trained doctor costs.
 fn random_doctor(
     patient: &LoadedModel,
     name: &str,
     rank: usize,
+    layers: usize,
     seed: u64,
 ) -> anyhow::Result<Arc<Doctor>> {
     let config = patient.model.config();
+    let first = config.num_layers - layers;
     let adapter_config = AdapterConfig {
         r: rank,
         lora_alpha: 2.0 * rank as f64,
@@ -240,9 +262,10 @@ fn random_doctor(
             .collect(),
         peft_type: "LORA".into(),
         base_model_name_or_path: None,
+        layers_to_transform: (first > 0).then(|| (first..config.num_layers).collect()),
     };
     let mut tensors = std::collections::HashMap::new();
-    for layer in 0..config.num_layers {
+    for layer in first..config.num_layers {
         for projection in Projection::ALL {
             let (out_features, in_features) = projection.shape(config);
             let prefix = projection.peft_prefix(layer);

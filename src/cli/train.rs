@@ -40,6 +40,11 @@ pub struct TrainArgs {
     /// LoRA alpha; the adapter's scale is alpha / rank.
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
+    /// Put the adapter on the top N layers only (default: every layer). A doctor on the
+    /// patient's base then shares the patient's lower layers when serving, so steering with it
+    /// costs much less.
+    #[arg(long, value_name = "N")]
+    lora_layers: Option<usize>,
     /// Optimizer steps, one preference pair each.
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<usize>,
@@ -172,6 +177,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let base = llmdoctor::loader::load_model(&base_path, &dense, &Device::Cpu)
         .with_context(|| format!("failed to load the base `{}`", base_path.display()))?;
+    let num_layers = base.model.config().num_layers;
+    let layers = match args.lora_layers {
+        None => None,
+        Some(n) if (1..=num_layers).contains(&n) => Some((num_layers - n..num_layers).collect()),
+        Some(n) => anyhow::bail!(
+            "--lora-layers {n} is out of range: the base has {num_layers} layers, so pass a \
+             number from 1 to {num_layers}, or leave it out for every layer"
+        ),
+    };
     let context = base.model.config().max_position_embeddings;
     let (pairs, counts, faces) = training_pairs(&args, context)?;
     println!(
@@ -189,6 +203,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         lora_rank: args.lora_rank,
         lora_alpha: args.lora_alpha,
         targets: Projection::ALL.to_vec(),
+        layers,
         value_inner: args.value_inner,
         steps,
         lr: args.lr,
@@ -282,6 +297,9 @@ fn provenance(
     put("wall_seconds", wall_seconds.round().into());
     put("lora_rank", (config.lora_rank as i64).into());
     put("lora_alpha", config.lora_alpha.into());
+    if let Some(layers) = &config.layers {
+        put("lora_layers", (layers.len() as i64).into());
+    }
     put("lr", config.lr.into());
     put("warmup_steps", (config.warmup_steps as i64).into());
     put("max_len", args.max_len.map_or(-1, |v| v as i64).into());

@@ -67,6 +67,7 @@ pub fn start_with_metrics(
         next_id: Arc::new(AtomicU64::new(1)),
         scheduler: config.scheduler,
         patient_bytes_per_token: model_config.kv_bytes_per_token(),
+        patient_layers: model_config.num_layers,
         patient_context: model_config.max_position_embeddings,
         thread: Arc::new(std::sync::Mutex::new(Some(thread))),
     })
@@ -411,11 +412,13 @@ impl Engine {
                     ..
                 } = choice;
                 let chunk = &ids[start..end];
+                let patient_row = batches[0].1.len();
                 batches[0].1.push(Row {
                     tokens: chunk,
                     cache: patient_cache,
                     adapter: None,
                     logits: LogitsSelection::Last,
+                    fork_from: None,
                 });
                 batches[0].2.push(RowKey {
                     request: id,
@@ -441,11 +444,14 @@ impl Engine {
                                 batches.len() - 1
                             }
                         };
+                    // A doctor on the patient's base shares the patient row's hidden states
+                    // below its adapter's first layer (none for an adapter on every layer).
                     batches[batch_index].1.push(Row {
                         tokens: chunk,
                         cache,
                         adapter: Some(&weight.doctor.adapter),
                         logits: LogitsSelection::Last,
+                        fork_from: (batch_index == 0).then_some(patient_row),
                     });
                     batches[batch_index].2.push(RowKey {
                         request: id,

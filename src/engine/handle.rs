@@ -133,6 +133,8 @@ pub struct EngineHandle {
     pub(crate) scheduler: SchedulerConfig,
     /// KV bytes per position of one patient row.
     pub(crate) patient_bytes_per_token: usize,
+    /// The patient's layer count.
+    pub(crate) patient_layers: usize,
     /// Returns the patient's context window.
     pub(crate) patient_context: usize,
     pub(crate) thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
@@ -202,7 +204,12 @@ impl EngineHandle {
             .doctors
             .iter()
             .map(|d| match &d.doctor.base {
-                crate::doctor::DoctorBase::Patient => self.patient_bytes_per_token,
+                // Such a row keeps only the layers from its adapter's first one on.
+                crate::doctor::DoctorBase::Patient => {
+                    let layers = self.patient_layers.max(1);
+                    let kept = layers - d.doctor.adapter.first_layer().min(layers);
+                    self.patient_bytes_per_token / layers * kept
+                }
                 crate::doctor::DoctorBase::Separate(base) => {
                     base.model.config().kv_bytes_per_token()
                 }

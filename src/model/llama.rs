@@ -47,6 +47,12 @@ pub struct Row<'a> {
     pub adapter: Option<&'a LoraAdapter>,
     /// The positions that get logits.
     pub logits: LogitsSelection,
+    /// Another row of the same step whose hidden states this row takes over below its
+    /// adapter's first layer, so those layers run once for both rows. The other row must have
+    /// the same tokens and cache length, no `fork_from` of its own, and no adapter below that
+    /// layer. Both rows then run the same weights on the same tokens up to there, so the result
+    /// is the same as without the fork, and this row's cache keeps only the layers it runs.
+    pub fork_from: Option<usize>,
 }
 
 struct DecoderLayer {
@@ -90,10 +96,22 @@ pub struct Llama {
 }
 
 /// The position of one row's tokens in the batch.
+#[derive(Clone, Copy)]
 struct RowSpan {
     offset: usize,
     len: usize,
     past: usize,
+}
+
+/// The rows that run a range of layers, and their layout in the hidden-state matrix.
+struct Segment<'a> {
+    /// Indices into the step's rows, in row order.
+    members: Vec<usize>,
+    /// One span per member, with offsets into this segment's matrix.
+    spans: Vec<RowSpan>,
+    cos: Tensor,
+    sin: Tensor,
+    groups: LoraPlan<'a>,
 }
 
 /// Tensor names of one checkpoint flavour.
@@ -297,15 +315,7 @@ impl Llama {
     /// `(selected_positions, hidden)` per row.
     pub fn forward_hidden(&self, rows: &mut [Row<'_>]) -> Result<Vec<Tensor>, ModelError> {
         let spans = self.plan_rows(rows)?;
-        let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
-        let total = ids.len();
-        let positions: Vec<f32> = spans
-            .iter()
-            .flat_map(|s| (s.past..s.past + s.len).map(|p| p as f32))
-            .collect();
-        let ids = Tensor::from_vec(ids, (total,), &self.device)?;
-        let (cos, sin) = self.rotary(positions)?;
-        let groups = LoraPlan::new(rows, &spans, self.kernels);
+        let entries = self.entry_layers(rows, &spans)?;
         if !self.uses_host_attention() {
             for (row, span) in rows.iter_mut().zip(&spans) {
                 row.cache
@@ -313,25 +323,37 @@ impl Llama {
             }
         }
 
+        let first: Vec<usize> = (0..rows.len()).filter(|&r| entries[r] == 0).collect();
+        let ids: Vec<u32> = first
+            .iter()
+            .flat_map(|&r| rows[r].tokens.iter().copied())
+            .collect();
+        let ids = Tensor::from_vec(ids, (spans_tokens(&spans, &first),), &self.device)?;
         let mut x = self.embed_tokens.forward(&ids)?; // (tokens, hidden)
-        for (index, layer) in self.layers.iter().enumerate() {
+        let mut segment = self.segment(rows, &spans, first)?;
+        for index in 0..=self.layers.len() {
+            if index > 0 && entries.contains(&index) {
+                let members: Vec<usize> =
+                    (0..rows.len()).filter(|&r| entries[r] <= index).collect();
+                x = fork_rows(&x, &segment, &members, &spans, rows)?;
+                segment = self.segment(rows, &spans, members)?;
+            }
+            let Some(layer) = self.layers.get(index) else {
+                break;
+            };
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let attn = self.attention(index, layer, &h, (&cos, &sin), rows, &spans, &groups)?;
+            let attn = self.attention(index, layer, &h, rows, &segment)?;
             x = (x + attn)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let [gate, up] = project_many(
-                layer,
-                index,
-                [Projection::Gate, Projection::Up],
-                &h,
-                &groups,
-            )?;
+            let groups = &segment.groups;
+            let [gate, up] =
+                project_many(layer, index, [Projection::Gate, Projection::Up], &h, groups)?;
             let mlp = project(
                 layer,
                 index,
                 Projection::Down,
                 &(ops::silu(&gate)? * up)?,
-                &groups,
+                groups,
             )?;
             x = (x + mlp)?;
         }
@@ -339,8 +361,9 @@ impl Llama {
             row.cache.advance(span.len);
         }
 
+        // Every row has joined by now, so the segment's spans are in row order.
         let mut outputs = Vec::with_capacity(rows.len());
-        for (row, span) in rows.iter().zip(&spans) {
+        for (row, span) in rows.iter().zip(&segment.spans) {
             let selected = match row.logits {
                 LogitsSelection::Last => x.narrow(0, span.offset + span.len - 1, 1)?,
                 LogitsSelection::All => x.narrow(0, span.offset, span.len)?,
@@ -348,6 +371,71 @@ impl Llama {
             outputs.push(self.rms_norm(&selected, &self.norm)?);
         }
         Ok(outputs)
+    }
+
+    /// The layer at which each row joins the step: 0, or for a row with `fork_from` its
+    /// adapter's first layer. Checks that each fork is exact.
+    fn entry_layers(&self, rows: &[Row<'_>], spans: &[RowSpan]) -> Result<Vec<usize>, ModelError> {
+        let layers = self.layers.len();
+        let first_layer =
+            |row: &Row<'_>| row.adapter.map_or(layers, |a| a.first_layer().min(layers));
+        let mut entries = Vec::with_capacity(rows.len());
+        for (index, row) in rows.iter().enumerate() {
+            let Some(source) = row.fork_from else {
+                entries.push(0);
+                continue;
+            };
+            let entry = first_layer(row);
+            let fail = |message: String| ModelError::InvalidFork {
+                row: index,
+                from: source,
+                message,
+            };
+            let Some(other) = rows.get(source) else {
+                return Err(fail(format!("the step has only {} rows", rows.len())));
+            };
+            if source == index || other.fork_from.is_some() {
+                return Err(fail("the source row must start at layer 0".into()));
+            }
+            if other.tokens != row.tokens || spans[source].past != spans[index].past {
+                return Err(fail("the rows have different tokens or positions".into()));
+            }
+            if first_layer(other) < entry {
+                return Err(fail(format!(
+                    "the source row's adapter changes layers below {entry}"
+                )));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Lays out `members` (row indices, in order) one after another.
+    fn segment<'a>(
+        &self,
+        rows: &[Row<'a>],
+        spans: &[RowSpan],
+        members: Vec<usize>,
+    ) -> Result<Segment<'a>, ModelError> {
+        let mut offset = 0;
+        let mut local = Vec::with_capacity(members.len());
+        let mut positions = Vec::new();
+        for &r in &members {
+            let span = spans[r];
+            local.push(RowSpan { offset, ..span });
+            positions.extend((span.past..span.past + span.len).map(|p| p as f32));
+            offset += span.len;
+        }
+        let (cos, sin) = self.rotary(positions)?;
+        let adapters: Vec<_> = members.iter().map(|&r| rows[r].adapter).collect();
+        let groups = LoraPlan::new(&adapters, &local, self.kernels);
+        Ok(Segment {
+            members,
+            spans: local,
+            cos,
+            sin,
+            groups,
+        })
     }
 
     /// Projects hidden states to logits: `(positions, hidden) -> (positions, vocab)`.
@@ -430,11 +518,9 @@ impl Llama {
     fn host_attention(
         &self,
         index: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
         rows: &mut [Row<'_>],
-        spans: &[RowSpan],
+        segment: &Segment<'_>,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
         let (_, tokens, _) = q.dims3()?;
@@ -447,7 +533,8 @@ impl Llama {
         let q_host: Vec<f32> = q.flatten_all()?.to_vec1()?;
         let k_host: Vec<f32> = k.flatten_all()?.to_vec1()?;
         let v_host: Vec<f32> = v.flatten_all()?.to_vec1()?;
-        let attention_spans: Vec<AttentionSpan> = spans
+        let attention_spans: Vec<AttentionSpan> = segment
+            .spans
             .iter()
             .map(|s| AttentionSpan {
                 offset: s.offset,
@@ -455,13 +542,16 @@ impl Llama {
                 past: s.past,
             })
             .collect();
-        for (row, span) in rows.iter_mut().zip(&attention_spans) {
-            let (keys, values) = row.cache.host_layer_mut(index, cfg.num_layers)?;
+        for (&r, span) in segment.members.iter().zip(&attention_spans) {
+            let (keys, values) = rows[r].cache.host_layer_mut(index, cfg.num_layers)?;
             attention::append(keys, &k_host, span, shape);
             attention::append(values, &v_host, span, shape);
         }
-        let caches: Vec<(&[f32], &[f32])> =
-            rows.iter().map(|row| row.cache.host_layer(index)).collect();
+        let caches: Vec<(&[f32], &[f32])> = segment
+            .members
+            .iter()
+            .map(|&r| rows[r].cache.host_layer(index))
+            .collect();
         let out = attention::attend(&q_host, &caches, &attention_spans, shape);
         Ok(Tensor::from_vec(
             out,
@@ -471,17 +561,15 @@ impl Llama {
     }
 
     /// Self-attention over the batch: `(tokens, hidden) -> (tokens, hidden)`.
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         index: usize,
         layer: &DecoderLayer,
         h: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
         rows: &mut [Row<'_>],
-        spans: &[RowSpan],
-        groups: &LoraPlan<'_>,
+        segment: &Segment<'_>,
     ) -> Result<Tensor, ModelError> {
+        let (cos, sin, groups) = (&segment.cos, &segment.sin, &segment.groups);
         let cfg = &self.config;
         let (total, _) = h.dims2()?;
         let (n_heads, n_kv, head_dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -506,14 +594,15 @@ impl Llama {
         let k = self.rope(&k, cos, sin)?.squeeze(0)?; // (n_kv, tokens, head_dim)
         let v = v.squeeze(0)?; // (n_kv, tokens, head_dim)
         if self.uses_host_attention() {
-            let out = self.host_attention(index, &q, &k, &v, rows, spans)?;
+            let out = self.host_attention(index, (&q, &k, &v), rows, segment)?;
             return project(layer, index, Projection::O, &out, groups);
         }
 
         let scale = 1.0 / (head_dim as f64).sqrt();
         let group = cfg.group_size();
-        let mut outputs = Vec::with_capacity(rows.len());
-        for (row, span) in rows.iter().zip(spans) {
+        let mut outputs = Vec::with_capacity(segment.members.len());
+        for (&r, span) in segment.members.iter().zip(&segment.spans) {
+            let row = &rows[r];
             let t = span.len;
             let k_new = k.narrow(1, span.offset, t)?.contiguous()?; // (n_kv, t, head_dim)
             let v_new = v.narrow(1, span.offset, t)?.contiguous()?;
@@ -555,6 +644,44 @@ impl Llama {
         let out = Tensor::cat(&outputs, 0)?; // (tokens, n_heads*head_dim)
         project(layer, index, Projection::O, &out, groups)
     }
+}
+
+/// Total tokens of the rows `members`.
+fn spans_tokens(spans: &[RowSpan], members: &[usize]) -> usize {
+    members.iter().map(|&r| spans[r].len).sum()
+}
+
+/// Rebuilds the hidden-state matrix for `members`: rows already in `segment` keep their hidden
+/// states, and joining rows copy those of the row they fork from.
+fn fork_rows(
+    x: &Tensor,
+    segment: &Segment<'_>,
+    members: &[usize],
+    spans: &[RowSpan],
+    rows: &[Row<'_>],
+) -> Result<Tensor, ModelError> {
+    let mut gather = Vec::with_capacity(spans_tokens(spans, members));
+    for &r in members {
+        let source = match segment.members.binary_search(&r) {
+            Ok(position) => position,
+            Err(_) => {
+                let from = rows[r].fork_from.unwrap_or(r);
+                segment
+                    .members
+                    .binary_search(&from)
+                    .map_err(|_| ModelError::InvalidFork {
+                        row: r,
+                        from,
+                        message: "the source row is not in the step".into(),
+                    })?
+            }
+        };
+        let span = segment.spans[source];
+        gather.extend((span.offset..span.offset + span.len).map(|t| t as u32));
+    }
+    let n = gather.len();
+    let gather = Tensor::from_vec(gather, (n,), x.device())?;
+    Ok(x.index_select(&gather, 0)?)
 }
 
 /// Applies a projection and the LoRA deltas of the batch's adapters:
@@ -698,20 +825,21 @@ struct LoraPlan<'a> {
 }
 
 impl<'a> LoraPlan<'a> {
-    fn new(rows: &[Row<'a>], spans: &[RowSpan], kernels: Kernels) -> Self {
-        let lora_spans: Vec<LoraSpan<'a>> = rows
+    fn new(adapters: &[Option<&'a LoraAdapter>], spans: &[RowSpan], kernels: Kernels) -> Self {
+        let lora_spans: Vec<LoraSpan<'a>> = adapters
             .iter()
             .zip(spans)
-            .map(|(row, span)| LoraSpan {
+            .map(|(&adapter, span)| LoraSpan {
                 offset: span.offset,
                 len: span.len,
-                adapter: row.adapter,
+                adapter,
             })
             .collect();
-        let first = rows.first().and_then(|row| row.adapter);
+        let first = adapters.first().copied().flatten();
         let shared = first.filter(|&first| {
-            rows.iter()
-                .all(|row| row.adapter.is_some_and(|a| std::ptr::eq(a, first)))
+            adapters
+                .iter()
+                .all(|adapter| adapter.is_some_and(|a| std::ptr::eq(a, first)))
         });
         let whole_batch = match kernels {
             Kernels::Differentiable => shared,

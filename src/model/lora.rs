@@ -118,6 +118,33 @@ pub struct AdapterConfig {
     /// The base model the adapter was trained on, informational.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// The layers the adapter covers; `None` means every layer. PEFT also writes one index as
+    /// a plain number.
+    #[serde(
+        default,
+        deserialize_with = "layer_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+/// Reads PEFT's `layers_to_transform`: a list of indices, one index, or null.
+fn layer_list<'de, D>(deserializer: D) -> Result<Option<Vec<usize>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Layers {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    Ok(
+        Option::<Layers>::deserialize(deserializer)?.map(|layers| match layers {
+            Layers::One(layer) => vec![layer],
+            Layers::Many(list) => list,
+        }),
+    )
 }
 
 fn default_peft_type() -> String {
@@ -132,6 +159,13 @@ impl AdapterConfig {
         } else {
             self.lora_alpha / self.r as f64
         }
+    }
+
+    /// Reports whether the adapter may have weights in `layer`.
+    pub fn covers(&self, layer: usize) -> bool {
+        self.layers_to_transform
+            .as_ref()
+            .is_none_or(|layers| layers.contains(&layer))
     }
 }
 
@@ -242,6 +276,15 @@ impl LoraAdapter {
         self.layers.iter().flatten().flatten().map(bytes).sum()
     }
 
+    /// Returns the lowest layer the adapter changes, or the layer count if it changes none.
+    /// Below it, a row under this adapter computes exactly what a row of the base computes.
+    pub fn first_layer(&self) -> usize {
+        self.layers
+            .iter()
+            .position(|slots| slots.iter().any(Option::is_some))
+            .unwrap_or(self.layers.len())
+    }
+
     /// Returns the pair for `projection` in `layer`, if the adapter targets it.
     pub fn pair(&self, layer: usize, projection: Projection) -> Option<&LoraPair> {
         self.layers.get(layer)?[projection.index()].as_ref()
@@ -291,6 +334,20 @@ impl LoraAdapter {
         model: &ModelConfig,
         file: &Path,
     ) -> Result<Self, ModelError> {
+        if let Some(&layer) = config
+            .layers_to_transform
+            .iter()
+            .flatten()
+            .find(|&&layer| layer >= model.num_layers)
+        {
+            return Err(invalid(
+                file,
+                format!(
+                    "`layers_to_transform` names layer {layer}, but the model has {} layers",
+                    model.num_layers
+                ),
+            ));
+        }
         let mut layers = Vec::with_capacity(model.num_layers);
         let mut used = 0usize;
         for layer in 0..model.num_layers {
@@ -309,6 +366,14 @@ impl LoraAdapter {
                         ))
                     }
                 };
+                if !config.covers(layer) {
+                    return Err(invalid(
+                        file,
+                        format!(
+                            "`{prefix}` is in layer {layer}, which `layers_to_transform` leaves out"
+                        ),
+                    ));
+                }
                 let (out_features, in_features) = projection.shape(model);
                 check_dims(
                     file,
@@ -357,7 +422,8 @@ impl LoraAdapter {
         })
     }
 
-    /// Creates trainable pairs for the given projections of every layer: `A` drawn from `rng`,
+    /// Creates trainable pairs for the given projections of every layer that `config` covers
+    /// (see [`AdapterConfig::covers`]): `A` drawn from `rng`,
     /// uniform in `±1/√in` as PEFT's Kaiming-style range, and `B = 0`, so the adapter starts as a
     /// no-op. Returns the adapter and its variables, alternating A and B for every layer and
     /// target. The same RNG state always gives the same adapter.
@@ -370,8 +436,12 @@ impl LoraAdapter {
     ) -> Result<(Self, Vec<Var>), ModelError> {
         let mut vars = Vec::new();
         let mut layers = Vec::with_capacity(model.num_layers);
-        for _ in 0..model.num_layers {
+        for layer in 0..model.num_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
+            if !config.covers(layer) {
+                layers.push(slots);
+                continue;
+            }
             for &projection in targets {
                 let (out_features, in_features) = projection.shape(model);
                 let bound = 1.0 / (in_features as f32).sqrt();

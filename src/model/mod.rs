@@ -136,6 +136,16 @@ pub enum ModelError {
         /// Index of the row in the batch.
         row: usize,
     },
+    /// A row's `fork_from` does not name a row it can share layers with.
+    #[error("row {row} cannot fork from row {from}: {message}")]
+    InvalidFork {
+        /// Index of the forking row in the batch.
+        row: usize,
+        /// Index of the row it names.
+        from: usize,
+        /// What does not match.
+        message: String,
+    },
     /// A tensor operation failed.
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),

@@ -136,6 +136,7 @@ pub fn response_log_probs(
             cache,
             adapter,
             logits: LogitsSelection::Last,
+            fork_from: None,
         })
         .collect();
     let last_prompt_hidden = model.forward_hidden(&mut rows)?; // per prompt: (1, hidden)
@@ -164,6 +165,7 @@ pub fn response_log_probs(
             cache,
             adapter,
             logits: LogitsSelection::All,
+            fork_from: None,
         })
         .collect();
     let mut fed_hidden = if rows.is_empty() {

@@ -183,6 +183,7 @@ pub fn pair_loss(
             cache,
             adapter: Some(adapter),
             logits: LogitsSelection::All,
+            fork_from: None,
         })
         .collect();
     let hidden = model.forward_hidden(&mut rows)?; // per row: (P+L, hidden)

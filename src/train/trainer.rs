@@ -37,6 +37,8 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// The projections that get an adapter.
     pub targets: Vec<Projection>,
+    /// The layers that get an adapter; `None` for every layer.
+    pub layers: Option<Vec<usize>>,
     /// The width of the value head's inner layer.
     pub value_inner: usize,
     /// Total optimizer steps (one pair per step).
@@ -69,6 +71,7 @@ impl TrainConfig {
                 .collect(),
             peft_type: "LORA".into(),
             base_model_name_or_path: None,
+            layers_to_transform: self.layers.clone(),
         }
     }
 }

@@ -112,6 +112,7 @@ pub fn write_doctor(doctors: &Path, name: &str, patient: &LoadedModel, seed: u64
         target_modules: vec!["down_proj".into()],
         peft_type: "LORA".into(),
         base_model_name_or_path: None,
+        layers_to_transform: None,
     };
     std::fs::write(
         dir.join("adapter_config.json"),
