@@ -225,7 +225,7 @@ impl Metrics {
             doctor_forward: histogram(
                 &registry,
                 DOCTOR_FORWARD_SECONDS,
-                "Seconds of doctor rows' forward per engine step (shared-base rows: their share of the step's forward by row count)",
+                "Seconds of doctor rows' forward per engine step (shared-base rows: their share of the step's forward, by tokens times layers run)",
                 latency_buckets(),
             )?,
             steering_kl,

@@ -756,13 +756,30 @@ fn run_batches(
             .iter()
             .filter(|k| matches!(k.slot, Slot::Doctor(_)))
             .count();
+        let layers = model.config().num_layers;
+        // A row's work: its tokens times the layers it runs, plus one for the output layer.
+        let work = |row: &Row<'_>| {
+            let skipped = match (row.fork_from, row.adapter) {
+                (None, _) => 0,
+                (Some(_), Some(adapter)) => adapter.first_layer().min(layers),
+                (Some(_), None) => layers,
+            };
+            (row.tokens.len() * (layers - skipped + 1)) as f64
+        };
+        let total_work: f64 = rows.iter().map(work).sum();
+        let doctor_work: f64 = rows
+            .iter()
+            .zip(&keys)
+            .filter(|(_, key)| matches!(key.slot, Slot::Doctor(_)))
+            .map(|(row, _)| work(row))
+            .sum();
         let started = Instant::now();
         let logits = model.forward(&mut rows)?;
         let seconds = started.elapsed().as_secs_f64();
         // NOTE: rows of doctors on the patient's base share one forward with the patient,
-        // so their time is estimated as the doctor rows' share of that forward.
+        // so their time is estimated as the doctor rows' share of that forward's work.
         stats.doctor_seconds += if batch_index == 0 {
-            seconds * doctor_rows as f64 / keys.len() as f64
+            seconds * doctor_work / total_work.max(1.0)
         } else {
             seconds
         };
