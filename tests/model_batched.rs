@@ -790,6 +790,7 @@ fn invalid_forks_are_rejected() {
     let model = Llama::load(&path, &quantized(QuantPolicy::AsStored), &Device::Cpu).unwrap();
     let top = top_layer_adapter(&dir.path().join("top"), &spec, &model, 2);
     let full = &two_adapters(dir.path(), &spec, &model)[0];
+
     let (a, b) = (tokens(1, 4), tokens(2, 4));
     // Source row's tokens and adapter, the second row's `fork_from`, and the expected message.
     type Case<'a> = (&'a [u32], Option<&'a LoraAdapter>, Option<usize>, &'a str);

@@ -159,7 +159,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         mib(&memory["rss_after_two_doctors_mib"]),
         mib(&memory["adapter_mib_each"]),
     );
-    let width = results.iter().map(|r| r.mode.len()).max().unwrap_or(0).max(4);
+    let width = results
+        .iter()
+        .map(|r| r.mode.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     println!(
         "{:<width$} {:>4} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "mode", "conc", "decode tok/s", "ITL p50 ms", "ITL p95 ms", "TTFT ms", "ratio", "peak MiB"

@@ -389,7 +389,7 @@ impl Llama {
         Ok(outputs)
     }
 
-    /// The layer at which each row joins the step: 0, or for a row with `fork_from` its
+    /// Returns the layer at which each row joins the step: 0, or for a row with `fork_from` its
     /// adapter's first layer. Checks that each fork is exact.
     fn entry_layers(&self, rows: &[Row<'_>], spans: &[RowSpan]) -> Result<Vec<usize>, ModelError> {
         let layers = self.layers.len();
@@ -662,7 +662,7 @@ impl Llama {
     }
 }
 
-/// Total tokens of the rows `members`.
+/// Returns the number of tokens in the rows `members`.
 fn spans_tokens(spans: &[RowSpan], members: &[usize]) -> usize {
     members.iter().map(|&r| spans[r].len).sum()
 }

@@ -118,7 +118,7 @@ pub struct AdapterConfig {
     /// The base model the adapter was trained on, informational.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    /// The layers the adapter covers; `None` means every layer. PEFT also writes one index as
+    /// The layers the adapter covers, or `None` for every layer. PEFT also writes one index as
     /// a plain number.
     #[serde(
         default,
