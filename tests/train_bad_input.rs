@@ -194,6 +194,30 @@ fn train_rejects_unusable_reward_files() {
 }
 
 #[test]
+fn train_rejects_out_of_range_lora_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let rewards = dir.path().join("rewards.jsonl");
+    std::fs::write(&rewards, "").unwrap();
+    for layers in ["0", "3"] {
+        let output = Command::new(llmdoctor_binary())
+            .args(["train", "--rewards"])
+            .arg(&rewards)
+            .arg("--out")
+            .arg(dir.path().join("doctors/x"))
+            .arg("--model")
+            .arg(&model)
+            .args(["--lora-layers", layers])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = text(&output.stderr);
+        let expected = format!("`--lora-layers {layers}` is out of range: the base has 2 layers");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
+
+#[test]
 fn eval_names_a_missing_doctor() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());

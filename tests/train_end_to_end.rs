@@ -149,8 +149,35 @@ fn trained_doctor_raises_marker_rate() {
         assert!(doctors.join("marker").join(file).exists(), "missing {file}");
     }
 
+    // The same data on the top layer only: the adapter lists that layer for PEFT, and its
+    // rows will fork from the patient's there.
+    let layers = patient.model.config().num_layers;
+    run_ok(
+        binary()
+            .args(["train", "--rewards"])
+            .arg(&synthetic)
+            .arg("--out")
+            .arg(doctors.join("marker-top"))
+            .arg("--model")
+            .arg(&model)
+            .args(["--steps", "4", "--lora-layers", "1"]),
+    );
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(doctors.join("marker-top/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["layers_to_transform"],
+        serde_json::json!([layers - 1])
+    );
+    let manifest = std::fs::read_to_string(doctors.join("marker-top/doctor.toml")).unwrap();
+    assert!(manifest.contains("lora_layers = 1"), "{manifest}");
+
     let registry = DoctorRegistry::new(doctors, patient.clone(), LoadOptions::default());
+    let top = registry.load("marker-top").unwrap();
+    assert_eq!(top.adapter.first_layer(), layers - 1);
     let doctor = registry.load("marker").unwrap();
+    assert_eq!(doctor.adapter.first_layer(), 0);
     let message = PromptMessage {
         role: llmdoctor::train::Role::User,
         content: "tell me about owls".into(),

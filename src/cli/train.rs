@@ -182,7 +182,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => None,
         Some(n) if (1..=num_layers).contains(&n) => Some((num_layers - n..num_layers).collect()),
         Some(n) => anyhow::bail!(
-            "--lora-layers {n} is out of range: the base has {num_layers} layers, so pass a \
+            "`--lora-layers {n}` is out of range: the base has {num_layers} layers, so pass a \
              number from 1 to {num_layers}, or leave it out for every layer"
         ),
     };

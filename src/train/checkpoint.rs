@@ -126,7 +126,7 @@ pub fn load(dir: &Path, vars: &[Var], device: &Device) -> Result<LoadedCheckpoin
             &vars_path,
             format!(
                 "it holds {} variables but the current settings have {}; \
-                 use the same --lora-rank and model, or a new --out",
+                 use the same --lora-rank, --lora-layers and model, or a new --out",
                 saved.len(),
                 vars.len()
             ),
