@@ -347,41 +347,50 @@ fn preemption_completes_everything_with_same_outputs() {
         .map(|i| (0..10 + 7 * i).map(|j| (i * 13 + j * 5) % 256).collect())
         .collect();
     let unconstrained = tiny_engine(SchedulerConfig::default());
-    let expected: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            run(
-                &unconstrained.engine,
-                request(p, 40, sampling(0.0, None), Steering::default()),
-            )
-            .ids
-        })
-        .collect();
-
     let bytes_per_token = unconstrained.patient.model.config().kv_bytes_per_token();
     let tight = tiny_engine(SchedulerConfig {
         kv_budget_bytes: 160 * bytes_per_token,
         ..SchedulerConfig::default()
     });
-    let receivers: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            tight
-                .engine
-                .submit(request(p, 40, sampling(0.0, None), Steering::default()))
-                .unwrap()
-        })
-        .collect();
-    for (index, receiver) in receivers.into_iter().enumerate() {
-        let reply = collect(receiver);
-        assert_eq!(reply.ids, expected[index], "request {index}");
+    // The marker doctor forks from the patient row at the last layer, so the steered case
+    // also checks that recomputation rebuilds forked caches.
+    for doctors in [vec![], vec![("marker", 0.7)]] {
+        let expected: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let steering = steer(&unconstrained.registry, &doctors);
+                run(
+                    &unconstrained.engine,
+                    request(p, 40, sampling(0.0, None), steering),
+                )
+                .ids
+            })
+            .collect();
+
+        let before = tight.engine.state().prefill_tokens.load(Ordering::Relaxed);
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let steering = steer(&tight.registry, &doctors);
+                tight
+                    .engine
+                    .submit(request(p, 40, sampling(0.0, None), steering))
+                    .unwrap()
+            })
+            .collect();
+        for (index, receiver) in receivers.into_iter().enumerate() {
+            let reply = collect(receiver);
+            assert_eq!(reply.ids, expected[index], "{doctors:?}, request {index}");
+        }
+        let after = tight.engine.state().prefill_tokens.load(Ordering::Relaxed);
+        let prompt_total: usize = prompts.iter().map(Vec::len).sum();
+        assert!(
+            after - before > prompt_total as u64,
+            "{doctors:?}: no request was preempted ({} prefill tokens for {prompt_total} prompt \
+             tokens)",
+            after - before
+        );
     }
-    let recomputed = tight.engine.state().prefill_tokens.load(Ordering::Relaxed);
-    let prompt_total: usize = prompts.iter().map(Vec::len).sum();
-    assert!(
-        recomputed > prompt_total as u64,
-        "no request was preempted ({recomputed} prefill tokens for {prompt_total} prompt tokens)"
-    );
 }
 
 fn wait_until(mut condition: impl FnMut() -> bool) {
