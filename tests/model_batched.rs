@@ -833,6 +833,8 @@ fn adapters_outside_their_layers_are_rejected() {
     for (layers, expected) in [
         ("[1]", "which `layers_to_transform` leaves out"),
         ("7", "names layer 7, but the model has 2 layers"),
+        ("\"1\"", "`layers_to_transform` must be a layer index"),
+        ("[-1]", "`layers_to_transform` must be a layer index"),
     ] {
         let mut config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();

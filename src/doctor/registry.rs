@@ -57,21 +57,24 @@ pub enum DoctorError {
         /// The first difference found.
         detail: String,
     },
-    /// The adapter does not load or does not fit its base.
-    #[error("doctor `{doctor}`: {source}")]
+    /// The adapter does not load or does not fit its base. The message includes the cause,
+    /// which is therefore not exposed as the error's source: reports that print the source
+    /// chain would repeat it.
+    #[error("doctor `{doctor}`: {cause}")]
     Adapter {
         /// The doctor.
         doctor: String,
         /// The cause.
-        source: ModelError,
+        cause: ModelError,
     },
-    /// The doctor's own base model does not load.
-    #[error("doctor `{doctor}`: failed to load its base model: {source}")]
+    /// The doctor's own base model does not load. Its message includes the cause, as for
+    /// [`DoctorError::Adapter`].
+    #[error("doctor `{doctor}`: failed to load its base model: {cause}")]
     Base {
         /// The doctor.
         doctor: String,
         /// The cause.
-        source: LoadError,
+        cause: LoadError,
     },
 }
 
@@ -214,9 +217,9 @@ impl DoctorRegistry {
             &config,
             self.patient.model.device(),
         )
-        .map_err(|source| DoctorError::Adapter {
+        .map_err(|cause| DoctorError::Adapter {
             doctor: name.to_string(),
-            source,
+            cause,
         })?;
         let doctor = Arc::new(Doctor {
             manifest,
@@ -304,12 +307,13 @@ impl DoctorRegistry {
         if let Some(loaded) = bases.get(&key) {
             return Ok(loaded.clone());
         }
-        let loaded = load_model(path, &self.load_options, self.patient.model.device()).map_err(
-            |source| DoctorError::Base {
-                doctor: doctor.to_string(),
-                source,
-            },
-        )?;
+        let loaded =
+            load_model(path, &self.load_options, self.patient.model.device()).map_err(|cause| {
+                DoctorError::Base {
+                    doctor: doctor.to_string(),
+                    cause,
+                }
+            })?;
         self.check_vocabulary(doctor, &loaded)?;
         bases.insert(key, loaded.clone());
         Ok(loaded)

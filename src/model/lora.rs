@@ -139,12 +139,15 @@ where
         One(usize),
         Many(Vec<usize>),
     }
-    Ok(
-        Option::<Layers>::deserialize(deserializer)?.map(|layers| match layers {
-            Layers::One(layer) => vec![layer],
-            Layers::Many(list) => list,
-        }),
-    )
+    let layers = Option::<Layers>::deserialize(deserializer).map_err(|_| {
+        serde::de::Error::custom(
+            "`layers_to_transform` must be a layer index (a number from 0), a list of them, or null",
+        )
+    })?;
+    Ok(layers.map(|layers| match layers {
+        Layers::One(layer) => vec![layer],
+        Layers::Many(list) => list,
+    }))
 }
 
 fn default_peft_type() -> String {
