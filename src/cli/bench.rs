@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::Args;
 use llmdoctor::bench::{self, BenchMode, BenchPlan};
 use llmdoctor::doctor::{Doctor, DoctorBase, DoctorManifest};
@@ -12,7 +12,9 @@ use llmdoctor::engine::core::{self as engine, EngineConfig};
 use llmdoctor::generate::prompt_ids;
 use llmdoctor::loader::{load_model, LoadedModel};
 use llmdoctor::model::lora::{AdapterConfig, Projection};
+use llmdoctor::model::tiny::uniform;
 use llmdoctor::model::LoraAdapter;
+use rand::SeedableRng;
 
 use super::{model_path, QuantArg};
 
@@ -269,14 +271,17 @@ fn random_doctor(
         base_model_name_or_path: None,
         layers_to_transform: (first > 0).then(|| (first..config.num_layers).collect()),
     };
+    // Seeded, so that every run times the same adapters. A uniform draw in ±√3·scale has the
+    // standard deviation `scale`.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let bound = (0.01 * (seed as f64 + 1.0) * 3f64.sqrt()) as f32;
     let mut tensors = std::collections::HashMap::new();
     for layer in first..config.num_layers {
         for projection in Projection::ALL {
             let (out_features, in_features) = projection.shape(config);
             let prefix = projection.peft_prefix(layer);
-            let scale = 0.01 * (seed as f64 + 1.0);
-            let a = (Tensor::randn(0f32, 1.0, (rank, in_features), &Device::Cpu)? * scale)?;
-            let b = (Tensor::randn(0f32, 1.0, (out_features, rank), &Device::Cpu)? * scale)?;
+            let a = uniform(&mut rng, (rank, in_features), bound)?;
+            let b = uniform(&mut rng, (out_features, rank), bound)?;
             tensors.insert(format!("{prefix}.lora_A.weight"), a);
             tensors.insert(format!("{prefix}.lora_B.weight"), b);
         }

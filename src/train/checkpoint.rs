@@ -122,15 +122,15 @@ pub fn load(dir: &Path, vars: &[Var], device: &Device) -> Result<LoadedCheckpoin
     let mut saved = candle_core::safetensors::load(&vars_path, device)
         .map_err(|err| checkpoint_error(&vars_path, err))?;
     if saved.len() != vars.len() {
-        return Err(checkpoint_error(
-            &vars_path,
-            format!(
-                "it holds {} variables but the current settings have {}; \
-                 use the same --lora-rank, --lora-layers and model, or a new --out",
+        return Err(TrainError::CheckpointMismatch {
+            path: vars_path,
+            message: format!(
+                "it holds {} variables but the current settings have {}. Use the same \
+                 --lora-rank, --lora-layers and model as the run that wrote it, or a new --out",
                 saved.len(),
                 vars.len()
             ),
-        ));
+        });
     }
     for (index, var) in vars.iter().enumerate() {
         let name = format!("var.{index}");

@@ -122,6 +122,14 @@ pub enum TrainError {
         /// The reader's or writer's message.
         message: String,
     },
+    /// A checkpoint was read but was trained with other settings.
+    #[error("the checkpoint `{}` does not match this run: {message}", path.display())]
+    CheckpointMismatch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What differs, and what to do.
+        message: String,
+    },
     /// A stored reward record is not valid JSON or does not match the record format.
     #[error("invalid reward record: {message}")]
     InvalidRecord {
