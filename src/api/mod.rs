@@ -83,9 +83,6 @@ impl Ready {
         } else {
             tracing::warn!(dir = %config.doctors_dir.display(), "doctors folder not found; serving without doctors");
         }
-        for doctor in registry.list() {
-            tracing::info!(doctor = %doctor.name(), "doctor loaded");
-        }
         let tokenizer = patient.tokenizer.clone();
         let engine = start_with_metrics(
             patient,
