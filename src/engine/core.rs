@@ -758,14 +758,8 @@ fn run_batches(
             .count();
         let layers = model.config().num_layers;
         // A row's work: its tokens times the layers it runs, plus one for the output layer.
-        let work = |row: &Row<'_>| {
-            let skipped = match (row.fork_from, row.adapter) {
-                (None, _) => 0,
-                (Some(_), Some(adapter)) => adapter.first_layer().min(layers),
-                (Some(_), None) => layers,
-            };
-            (row.tokens.len() * (layers - skipped + 1)) as f64
-        };
+        let work =
+            |row: &Row<'_>| (row.tokens.len() * (layers - row.entry_layer(layers) + 1)) as f64;
         let total_work: f64 = rows.iter().map(work).sum();
         let doctor_work: f64 = rows
             .iter()

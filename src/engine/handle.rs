@@ -207,8 +207,8 @@ impl EngineHandle {
                 // Such a row keeps only the layers from its adapter's first one on.
                 crate::doctor::DoctorBase::Patient => {
                     let layers = self.patient_layers.max(1);
-                    let kept = layers - d.doctor.adapter.first_layer().min(layers);
-                    self.patient_bytes_per_token / layers * kept
+                    let kept_layers = layers - d.doctor.adapter.first_layer().min(layers);
+                    self.patient_bytes_per_token / layers * kept_layers
                 }
                 crate::doctor::DoctorBase::Separate(base) => {
                     base.model.config().kv_bytes_per_token()

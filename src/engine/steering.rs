@@ -126,12 +126,7 @@ pub fn combine(
             *combined += doctor.beta * logit;
         }
     }
-    let (steered_max, steered_argmax) = max_and_argmax(out);
-    let steered_argmax = steered_argmax.unwrap_or(0);
-    let normaliser = LogNormaliser::with_max(out, steered_max);
-    for score in out.iter_mut() {
-        *score = normaliser.log_prob(*score);
-    }
+    let steered_argmax = log_softmax_in_place(out).unwrap_or(0);
 
     let kl_steered_patient = kl_divergence(out, patient, patient_normaliser);
     Ok(SteeringStats {
@@ -176,12 +171,15 @@ fn kl_divergence(steered: &[f32], patient: &[f32], patient_normaliser: LogNormal
 /// Replaces each score by its log-probability, `v_i − log Σ_j exp(v_j)`.
 ///
 /// Stable for large scores because it subtracts the maximum before exponentiating. Entries of
-/// −∞ stay −∞, and a row that is entirely −∞ is left as it is.
-pub fn log_softmax_in_place(v: &mut [f32]) {
-    let normaliser = LogNormaliser::of(v);
+/// −∞ stay −∞, and a row that is entirely −∞ is left as it is. Returns the index of the
+/// largest score as [`max_and_argmax`] finds it, since that pass is needed anyway.
+pub fn log_softmax_in_place(v: &mut [f32]) -> Option<u32> {
+    let (max, top) = max_and_argmax(v);
+    let normaliser = LogNormaliser::with_max(v, max);
     for score in v.iter_mut() {
         *score = normaliser.log_prob(*score);
     }
+    top
 }
 
 /// Returns the index of the largest value, the lowest index on ties, or `None` for an empty
@@ -235,13 +233,9 @@ pub(crate) struct LogNormaliser {
 }
 
 impl LogNormaliser {
-    /// Measures `v`. A row with no finite maximum (empty, or all −∞) gets the identity, so its
-    /// entries pass through unchanged.
-    pub(crate) fn of(v: &[f32]) -> Self {
-        Self::with_max(v, max_and_argmax(v).0)
-    }
-
-    /// Measures `v` whose maximum (ignoring NaN) is already known.
+    /// Measures `v`, whose maximum ignoring NaN is `max` (from [`max_and_argmax`], which
+    /// callers run anyway). A row with no finite maximum (empty, or all −∞) gets the identity,
+    /// so its entries pass through unchanged.
     pub(crate) fn with_max(v: &[f32], max: f32) -> Self {
         if max == f32::NEG_INFINITY {
             return Self {

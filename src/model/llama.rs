@@ -55,6 +55,18 @@ pub struct Row<'a> {
     pub fork_from: Option<usize>,
 }
 
+impl Row<'_> {
+    /// Returns the layer at which this row joins a step of a model with `num_layers` layers:
+    /// 0, or for a row with `fork_from` its adapter's first layer (`num_layers` without one).
+    pub fn entry_layer(&self, num_layers: usize) -> usize {
+        match (self.fork_from, self.adapter) {
+            (None, _) => 0,
+            (Some(_), Some(adapter)) => adapter.first_layer().min(num_layers),
+            (Some(_), None) => num_layers,
+        }
+    }
+}
+
 struct DecoderLayer {
     attn_norm: Tensor,
     q_proj: Linear,
@@ -389,19 +401,16 @@ impl Llama {
         Ok(outputs)
     }
 
-    /// Returns the layer at which each row joins the step: 0, or for a row with `fork_from` its
-    /// adapter's first layer. Checks that each fork is exact.
+    /// Returns each row's [`Row::entry_layer`] after checking that each fork is exact.
     fn entry_layers(&self, rows: &[Row<'_>], spans: &[RowSpan]) -> Result<Vec<usize>, ModelError> {
         let layers = self.layers.len();
-        let first_layer =
-            |row: &Row<'_>| row.adapter.map_or(layers, |a| a.first_layer().min(layers));
         let mut entries = Vec::with_capacity(rows.len());
         for (index, row) in rows.iter().enumerate() {
+            let entry = row.entry_layer(layers);
             let Some(source) = row.fork_from else {
-                entries.push(0);
+                entries.push(entry);
                 continue;
             };
-            let entry = first_layer(row);
             let fail = |message: String| ModelError::InvalidFork {
                 row: index,
                 from: source,
@@ -416,7 +425,10 @@ impl Llama {
             if other.tokens != row.tokens || spans[source].past != spans[index].past {
                 return Err(fail("the rows have different tokens or positions".into()));
             }
-            if first_layer(other) < entry {
+            let other_first = other
+                .adapter
+                .map_or(layers, |a| a.first_layer().min(layers));
+            if other_first < entry {
                 return Err(fail(format!(
                     "the source row's adapter changes layers below {entry}"
                 )));

@@ -143,7 +143,7 @@ pub enum ModelError {
         row: usize,
         /// Index of the row it names.
         from: usize,
-        /// What does not match.
+        /// The mismatch.
         message: String,
     },
     /// A tensor operation failed.

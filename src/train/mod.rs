@@ -127,7 +127,7 @@ pub enum TrainError {
     CheckpointMismatch {
         /// The checkpoint file.
         path: PathBuf,
-        /// What differs, and what to do.
+        /// The difference, and the fix.
         message: String,
     },
     /// A stored reward record is not valid JSON or does not match the record format.
