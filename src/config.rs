@@ -7,10 +7,13 @@
 //! repository's `config.toml` documents every key with its default.
 
 use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::engine::core::DEFAULT_STEERING_STATS_INTERVAL;
 
 /// Default listen address: loopback only, so a fresh install is not exposed to the network.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -90,6 +93,8 @@ pub struct RawConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
+    /// Steering statistics are measured on every n-th generated token.
+    pub steering_stats_interval: Option<usize>,
 }
 
 impl RawConfig {
@@ -126,6 +131,9 @@ impl RawConfig {
             default_max_tokens: self.default_max_tokens.or(lower.default_max_tokens),
             served_model_name: self.served_model_name.or(lower.served_model_name),
             seed: self.seed.or(lower.seed),
+            steering_stats_interval: self
+                .steering_stats_interval
+                .or(lower.steering_stats_interval),
         }
     }
 }
@@ -180,6 +188,8 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
+    /// Steering statistics are measured on every n-th generated token of a steered choice.
+    pub steering_stats_interval: NonZeroUsize,
 }
 
 /// Errors in the settings. Each names the setting at fault.
@@ -291,6 +301,13 @@ impl ServeConfig {
             )?,
             served_model_name: raw.served_model_name.filter(|n| !n.is_empty()),
             seed: raw.seed,
+            steering_stats_interval: match raw.steering_stats_interval {
+                None => DEFAULT_STEERING_STATS_INTERVAL,
+                Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
+                    setting: "steering_stats_interval",
+                    message: "must be at least 1 (1 measures every token)".into(),
+                })?,
+            },
         })
     }
 
@@ -314,6 +331,15 @@ impl ServeConfig {
             max_waiting: self.max_waiting,
             step_token_budget: self.step_token_budget,
             prefill_chunk: self.prefill_chunk,
+        }
+    }
+
+    /// Returns the engine's settings.
+    pub fn engine(&self) -> crate::engine::core::EngineConfig {
+        crate::engine::core::EngineConfig {
+            scheduler: self.scheduler(),
+            seed: self.seed,
+            steering_stats_interval: self.steering_stats_interval,
         }
     }
 }
@@ -390,6 +416,16 @@ mod tests {
         };
         let err = ServeConfig::validate(raw).unwrap_err();
         assert!(err.to_string().contains("step_token_budget"), "{err}");
+    }
+
+    #[test]
+    fn stats_interval_must_be_positive() {
+        let raw = toml::from_str::<RawConfig>("steering_stats_interval = 0").unwrap();
+        let err = ServeConfig::validate(raw).unwrap_err();
+        assert!(err.to_string().contains("steering_stats_interval"), "{err}");
+        let raw = toml::from_str::<RawConfig>("steering_stats_interval = 1").unwrap();
+        let config = ServeConfig::validate(raw).unwrap();
+        assert_eq!(config.engine().steering_stats_interval, NonZeroUsize::MIN);
     }
 
     #[test]

@@ -41,8 +41,10 @@ pub const DOCTOR_TOKENS_TOTAL: &str = "llmdoctor_doctor_tokens_total";
 pub const DOCTOR_FORWARD_SECONDS: &str = "llmdoctor_doctor_forward_seconds";
 /// Mean per-token KL(steered ‖ patient) of one steered choice, in nats.
 pub const STEERING_KL_NATS: &str = "llmdoctor_steering_kl_nats";
-/// Tokens where steering changed the patient's most likely token.
+/// Measured tokens where steering changed the patient's most likely token.
 pub const STEERING_TOP_TOKEN_CHANGED_TOTAL: &str = "llmdoctor_steering_top_token_changed_total";
+/// Tokens on which steering statistics were measured.
+pub const STEERING_MEASURED_TOKENS_TOTAL: &str = "llmdoctor_steering_measured_tokens_total";
 
 /// Values of the `finish_reason` label: the engine's reasons plus `cancelled` for a client
 /// that left and `error` for a failed generation.
@@ -102,6 +104,8 @@ pub struct Metrics {
     pub steering_kl: HistogramVec,
     /// [`STEERING_TOP_TOKEN_CHANGED_TOTAL`], by `doctor`: each doctor of the request is credited.
     pub top_token_changed: IntCounterVec,
+    /// [`STEERING_MEASURED_TOKENS_TOTAL`], by doctor.
+    pub measured_tokens: IntCounterVec,
 }
 
 /// A metric failed to register (a duplicate name: a bug).
@@ -232,7 +236,13 @@ impl Metrics {
             top_token_changed: counter_vec(
                 &registry,
                 STEERING_TOP_TOKEN_CHANGED_TOTAL,
-                "Tokens where steering changed the patient's most likely token",
+                "Measured tokens where steering changed the patient's most likely token",
+                "doctor",
+            )?,
+            measured_tokens: counter_vec(
+                &registry,
+                STEERING_MEASURED_TOKENS_TOTAL,
+                "Tokens on which steering statistics were measured (every steering_stats_interval-th generated token)",
                 "doctor",
             )?,
             registry,
@@ -255,6 +265,7 @@ mod tests {
         metrics.doctor_requests.with_label_values(&["d"]).inc();
         metrics.doctor_tokens.with_label_values(&["d"]).inc();
         metrics.top_token_changed.with_label_values(&["d"]).inc();
+        metrics.measured_tokens.with_label_values(&["d"]).inc();
         metrics.steering_kl.with_label_values(&["d"]).observe(0.1);
         let text = metrics.render().unwrap();
         for name in [
@@ -275,6 +286,7 @@ mod tests {
             DOCTOR_FORWARD_SECONDS,
             STEERING_KL_NATS,
             STEERING_TOP_TOKEN_CHANGED_TOTAL,
+            STEERING_MEASURED_TOKENS_TOTAL,
         ] {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),

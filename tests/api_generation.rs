@@ -343,9 +343,17 @@ async fn steered_request_reports_steering_and_logprobs() {
     let steering = &choice["steering"];
     assert_eq!(
         keys(steering),
-        ["changed_tokens", "doctors", "mean_kl", "patient_alpha"]
+        [
+            "changed_tokens",
+            "doctors",
+            "mean_kl",
+            "measured_tokens",
+            "patient_alpha"
+        ]
     );
     assert_eq!(steering["doctors"], json!([{"name": DOCTOR, "beta": 1.0}]));
+    // With logprobs, every token is measured.
+    assert_eq!(steering["measured_tokens"], 12);
     assert!(steering["mean_kl"].as_f64().unwrap() > 0.0);
     let entries = choice["logprobs"]["content"].as_array().unwrap();
     assert_eq!(entries.len(), 12);

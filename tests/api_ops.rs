@@ -150,8 +150,18 @@ async fn metrics_count_requests_and_tokens() {
         )
         .await;
     assert_eq!(status, 200);
-    let (status, text) = server.get("/metrics").await;
-    assert_eq!(status, 200);
+    // The engine publishes its gauges after the step that finished the request, which can
+    // be just after the response arrives.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let (status, body) = server.get("/metrics").await;
+        assert_eq!(status, 200);
+        text = body;
+        if text.lines().any(|l| l == "llmdoctor_requests_running 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line_start))
@@ -179,6 +189,13 @@ async fn metrics_count_requests_and_tokens() {
             "llmdoctor_doctor_tokens_total{{doctor=\"{DOCTOR}\"}}"
         )),
         4.0
+    );
+    // Of 4 tokens, only the first is measured at the default interval of 8.
+    assert_eq!(
+        value(&format!(
+            "llmdoctor_steering_measured_tokens_total{{doctor=\"{DOCTOR}\"}}"
+        )),
+        1.0
     );
     assert_eq!(value("llmdoctor_time_to_first_token_seconds_count"), 1.0);
     assert_eq!(value("llmdoctor_inter_token_latency_seconds_count"), 3.0);

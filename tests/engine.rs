@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +19,11 @@ use llmdoctor::engine::request::{
 };
 use llmdoctor::engine::sampling::{RawSamplingParams, SamplingParams};
 use llmdoctor::engine::scheduler::SchedulerConfig;
+use llmdoctor::engine::steering::{argmax, combine, SteeringInput, Term};
 use llmdoctor::loader::{load_model, LoadedModel};
 use llmdoctor::model::lora::{AdapterConfig, Projection};
 use llmdoctor::model::tiny::{uniform, TinySpec, TinyWeights};
-use llmdoctor::model::LoadOptions;
+use llmdoctor::model::{KvCache, LoadOptions, LogitsSelection, LoraAdapter, Row};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::Ordering;
@@ -34,6 +36,8 @@ struct Reply {
     text: String,
     reason: FinishReason,
     changed_tokens: Option<usize>,
+    measured_tokens: Option<usize>,
+    mean_kl: Option<f32>,
 }
 
 fn tiny_patient(dir: &Path) -> LoadedModel {
@@ -79,6 +83,8 @@ fn collect(mut events: llmdoctor::engine::handle::EventReceiver) -> Reply {
         text: String::new(),
         reason: FinishReason::Abort,
         changed_tokens: None,
+        measured_tokens: None,
+        mean_kl: None,
     };
     while let Some(event) = events.blocking_recv() {
         match event {
@@ -90,7 +96,9 @@ fn collect(mut events: llmdoctor::engine::handle::EventReceiver) -> Reply {
                 reply.ids.extend(end.stop_token);
                 reply.text.push_str(&end.text);
                 reply.reason = end.reason;
-                reply.changed_tokens = end.steering.map(|s| s.changed_tokens);
+                reply.changed_tokens = end.steering.as_ref().map(|s| s.changed_tokens);
+                reply.measured_tokens = end.steering.as_ref().map(|s| s.measured_tokens);
+                reply.mean_kl = end.steering.map(|s| s.mean_kl);
             }
             Event::Done(_) => break,
             Event::Error(message) => panic!("engine error: {message}"),
@@ -189,6 +197,14 @@ struct Tiny {
 }
 
 fn tiny_engine(scheduler: SchedulerConfig) -> Tiny {
+    tiny_engine_with(EngineConfig {
+        scheduler,
+        seed: Some(1),
+        ..EngineConfig::default()
+    })
+}
+
+fn tiny_engine_with(config: EngineConfig) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let patient = tiny_patient(dir.path());
     let doctors = dir.path().join("doctors");
@@ -211,14 +227,7 @@ fn tiny_engine(scheduler: SchedulerConfig) -> Tiny {
         LoadOptions::default(),
     ));
     assert!(registry.load_all().is_empty());
-    let engine = start(
-        patient.clone(),
-        EngineConfig {
-            scheduler,
-            seed: Some(1),
-        },
-    )
-    .unwrap();
+    let engine = start(patient.clone(), config).unwrap();
     Tiny {
         _dir: dir,
         engine,
@@ -620,40 +629,119 @@ fn doctor_with_separate_base_runs_its_own_forward() {
     );
 }
 
+/// Greedy tokens of `alpha · patient + beta · doctor` computed directly on the model: full
+/// rows for the patient and the doctor (no fork), their final hidden states mixed, then the
+/// output layer and the steering code's log-softmax.
+fn reference_greedy(
+    patient: &LoadedModel,
+    adapter: &LoraAdapter,
+    alpha: f32,
+    beta: f32,
+    count: usize,
+) -> Vec<u32> {
+    let model = &patient.model;
+    let (mut patient_cache, mut doctor_cache) = (KvCache::new(), KvCache::new());
+    let mut chunk = PROMPT.to_vec();
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        let mut rows = [
+            Row {
+                tokens: &chunk,
+                cache: &mut patient_cache,
+                adapter: None,
+                logits: LogitsSelection::Last,
+                fork_from: None,
+            },
+            Row {
+                tokens: &chunk,
+                cache: &mut doctor_cache,
+                adapter: Some(adapter),
+                logits: LogitsSelection::Last,
+                fork_from: None,
+            },
+        ];
+        let hidden = model.forward_hidden(&mut rows).unwrap();
+        let mixed = (hidden[0].affine(f64::from(alpha), 0.0).unwrap()
+            + hidden[1].affine(f64::from(beta), 0.0).unwrap())
+        .unwrap();
+        let logits = model.lm_head(&mixed).unwrap().flatten_all().unwrap();
+        let logits = logits.to_vec1::<f32>().unwrap();
+        let mut steered = Vec::new();
+        let terms = [Term {
+            weight: 1.0,
+            logits: &logits,
+        }];
+        let input = SteeringInput {
+            terms: &terms,
+            patient: None,
+        };
+        combine(&input, &mut steered).unwrap();
+        let next = argmax(&steered).unwrap();
+        ids.push(next);
+        chunk = vec![next];
+    }
+    ids
+}
+
 /// The marker doctor changes only the last layer, so its rows take over the patient row's
-/// hidden states below it. The same adapter on a separate copy of the patient runs every layer
-/// in its own forward, and must sample exactly the same tokens.
+/// hidden states below it, and the engine mixes its final hidden state with the patient's
+/// before one output row. Computed on the model with full rows and the same mix, the greedy
+/// tokens must be exactly the same.
 #[test]
-fn forked_doctor_rows_match_a_full_forward() {
+fn steered_tokens_match_a_mixed_full_forward() {
     let tiny = tiny_engine(SchedulerConfig::default());
-    let doctors_dir = tiny.registry.dir().to_path_buf();
-    write_doctor(
-        &doctors_dir,
-        "marker-copy",
-        &marker_adapter(&tiny.patient, MARKER, 40.0, 3),
-        DoctorBaseSpec::Path("base.gguf".into()),
-    );
-    let patient_file = doctors_dir.parent().unwrap().join("tiny.gguf");
-    std::fs::copy(patient_file, doctors_dir.join("marker-copy/base.gguf")).unwrap();
-    tiny.registry.load("marker-copy").unwrap();
-    let plain = run(
-        &tiny.engine,
-        request(PROMPT, 32, sampling(1.0, Some(9)), Steering::default()),
-    );
-    let [forked, full] = ["marker", "marker-copy"].map(|name| {
-        run(
+    let doctor = tiny.registry.get("marker").unwrap();
+    for (alpha, beta) in [(1.0, 0.7), (0.6, 1.3)] {
+        let expected = reference_greedy(&tiny.patient, &doctor.adapter, alpha, beta, 24);
+        let plain = reference_greedy(&tiny.patient, &doctor.adapter, 1.0, 0.0, 24);
+        assert_ne!(expected, plain, "the doctor must change the output");
+        let mut steering = steer(&tiny.registry, &[("marker", beta)]);
+        steering.alpha = alpha;
+        let steered = run(
             &tiny.engine,
-            request(
-                PROMPT,
-                32,
-                sampling(1.0, Some(9)),
-                steer(&tiny.registry, &[(name, 0.7)]),
-            ),
+            request(PROMPT, 24, sampling(0.0, None), steering),
+        );
+        assert_eq!(steered.ids, expected, "α = {alpha}, β = {beta}");
+    }
+}
+
+/// Measuring steering statistics adds the patient's own output row but must not change what
+/// is sampled: every interval, and a request with logprobs, gives the same tokens.
+#[test]
+fn stats_interval_changes_only_the_measured_tokens() {
+    let sampled = |interval: usize, top_logprobs: Option<i64>| {
+        let tiny = tiny_engine_with(EngineConfig {
+            seed: Some(1),
+            steering_stats_interval: NonZeroUsize::new(interval).unwrap(),
+            ..EngineConfig::default()
+        });
+        let params = SamplingParams::validate(
+            RawSamplingParams {
+                temperature: Some(1.0),
+                seed: Some(5),
+                top_logprobs,
+                ..RawSamplingParams::default()
+            },
+            1 << 20,
         )
-    });
-    assert_ne!(forked.ids, plain.ids, "the doctor must change the output");
-    assert_eq!(forked.ids, full.ids);
-    assert_eq!(forked.changed_tokens, full.changed_tokens);
+        .unwrap();
+        let steering = steer(&tiny.registry, &[("marker", 0.7)]);
+        run(&tiny.engine, request(PROMPT, 20, params, steering))
+    };
+    let every = sampled(1, None);
+    let sparse = sampled(8, None);
+    let with_logprobs = sampled(8, Some(2));
+    assert_eq!(every.ids.len(), 20);
+    assert_eq!(sparse.ids, every.ids);
+    assert_eq!(with_logprobs.ids, every.ids);
+    assert_eq!(every.measured_tokens, Some(20));
+    // Tokens 0, 8 and 16.
+    assert_eq!(sparse.measured_tokens, Some(3));
+    assert_eq!(with_logprobs.measured_tokens, Some(20));
+    assert!(every.changed_tokens.unwrap() > 0);
+    assert!(every.mean_kl.unwrap() > 0.0);
+    assert!(sparse.mean_kl.unwrap() > 0.0);
+    assert_eq!(with_logprobs.mean_kl, every.mean_kl);
 }
 
 #[test]

@@ -40,7 +40,7 @@ use utoipa_axum::routes;
 
 use crate::config::{Cors, ServeConfig};
 use crate::doctor::DoctorRegistry;
-use crate::engine::core::{start_with_metrics, EngineConfig};
+use crate::engine::core::start_with_metrics;
 use crate::engine::handle::EngineHandle;
 use crate::loader::LoadedModel;
 use crate::metrics::Metrics;
@@ -84,14 +84,7 @@ impl Ready {
             tracing::warn!(dir = %config.doctors_dir.display(), "doctors folder not found; serving without doctors");
         }
         let tokenizer = patient.tokenizer.clone();
-        let engine = start_with_metrics(
-            patient,
-            EngineConfig {
-                scheduler: config.scheduler(),
-                seed: config.seed,
-            },
-            Some(metrics),
-        )?;
+        let engine = start_with_metrics(patient, config.engine(), Some(metrics))?;
         Ok(Self {
             engine,
             registry,

@@ -71,6 +71,10 @@ impl RequestObserver {
                             .top_token_changed
                             .with_label_values(&[doctor])
                             .inc_by(steering.changed_tokens as u64);
+                        self.metrics
+                            .measured_tokens
+                            .with_label_values(&[doctor])
+                            .inc_by(steering.measured_tokens as u64);
                     }
                 }
             }

@@ -180,6 +180,7 @@ fn steering_body(summary: &Option<SteeringSummary>) -> Option<SteeringBody> {
             })
             .collect(),
         changed_tokens: s.changed_tokens,
+        measured_tokens: s.measured_tokens,
         mean_kl: s.mean_kl,
     })
 }

@@ -262,9 +262,13 @@ pub struct SteeringBody {
     pub patient_alpha: f32,
     /// The doctors in request order.
     pub doctors: Vec<SteeringDoctor>,
-    /// Tokens where the steered top token differs from the patient's.
+    /// Measured tokens where the steered top token differs from the patient's.
     pub changed_tokens: usize,
-    /// Mean per-token KL(steered ‖ patient), nats.
+    /// Generated tokens on which `changed_tokens` and `mean_kl` were measured: every n-th
+    /// token (the server's `steering_stats_interval`), or every token when logprobs were
+    /// requested.
+    pub measured_tokens: usize,
+    /// Mean KL(steered ‖ patient) over the measured tokens, nats.
     pub mean_kl: f32,
 }
 

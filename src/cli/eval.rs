@@ -124,7 +124,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         beta: args.beta.unwrap_or_else(|| doctor.default_beta()),
     };
     let vocab_size = patient.tokenizer.vocab_size();
-    let handle = engine::start(patient, EngineConfig::default())?;
+    // Every token is measured, so the KL and changed-token figures are exact.
+    let handle = engine::start(
+        patient,
+        EngineConfig {
+            steering_stats_interval: std::num::NonZeroUsize::MIN,
+            ..EngineConfig::default()
+        },
+    )?;
     let progress = bar(prompts.len(), "prompts");
     let steering = steering_effect(
         &handle,

@@ -2,6 +2,7 @@
 //! (plan → build rows → forward → steer → sample → emit).
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use crate::loader::LoadedModel;
 use crate::metrics::Metrics;
 use crate::model::{KvCache, Llama, LogitsSelection, ModelError, Row};
 use crate::tokenizer::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use candle_core::Tensor;
 
 use super::handle::{Command, EngineHandle, EngineState};
 use super::request::{
@@ -21,16 +23,37 @@ use super::request::{
 };
 use super::sampling::{Sampler, TokenHistory};
 use super::scheduler::{RequestId, Scheduled, Scheduler, SchedulerConfig};
-use super::steering::{self, DoctorLogits, SteeringInput};
+use super::steering::{self, SteeringInput, Term};
 use super::step_logits::{ChoiceLogits, RowKey, Slot, StepLogits};
 
 /// Settings of the engine.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
     /// Seeds the RNG that draws seeds for requests without one.
     pub seed: Option<u64>,
+    /// Steering statistics (KL to the patient, changed top token) are measured on generated
+    /// tokens 0, n, 2n, … of each steered choice, and on every token of a request that asks
+    /// for log-probabilities. Each measurement runs the patient's own row through the output
+    /// layer, which a steered step otherwise skips. 1 measures every token.
+    pub steering_stats_interval: NonZeroUsize,
+}
+
+/// The default of [`EngineConfig::steering_stats_interval`].
+pub const DEFAULT_STEERING_STATS_INTERVAL: NonZeroUsize = match NonZeroUsize::new(8) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            seed: None,
+            steering_stats_interval: DEFAULT_STEERING_STATS_INTERVAL,
+        }
+    }
 }
 
 /// Starts the engine thread for `patient` and returns its handle.
@@ -57,6 +80,7 @@ pub fn start_with_metrics(
         state: state.clone(),
         seeds: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
         metrics,
+        stats_interval: config.steering_stats_interval.get(),
     };
     let thread = std::thread::Builder::new()
         .name("llmdoctor-engine".into())
@@ -89,8 +113,10 @@ struct Choice {
     detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
     finished: bool,
+    /// KL summed over the measured tokens.
     kl_sum: f64,
     changed_tokens: usize,
+    measured_tokens: usize,
 }
 
 impl Choice {
@@ -131,6 +157,8 @@ struct Engine {
     state: Arc<EngineState>,
     seeds: rand_chacha::ChaCha8Rng,
     metrics: Option<Arc<Metrics>>,
+    /// [`EngineConfig::steering_stats_interval`].
+    stats_interval: usize,
 }
 
 /// How long an idle engine waits for a command before refreshing its heartbeat.
@@ -274,6 +302,7 @@ impl Engine {
             finished: false,
             kl_sum: 0.0,
             changed_tokens: 0,
+            measured_tokens: 0,
         }
     }
 
@@ -370,14 +399,20 @@ impl Engine {
 
     /// Runs every scheduled row: the patient's rows and the rows of doctors on the patient's
     /// base in one forward, the rows of each other base in their own forward.
+    ///
+    /// Only choices that sample this step get output rows. A steered choice gets one row that
+    /// mixes the final hidden states of its patient row and its doctors on the patient's
+    /// base, `α·h_p + Σ β_i·h_i`: the output layer is linear, so its logits are
+    /// `α·z_p + Σ β_i·z_i`, and the doctors' own output rows are skipped. The patient's own
+    /// row is added when the step measures steering statistics or the request wants
+    /// log-probabilities, and each doctor's own row when it wants log-probabilities.
     fn forward(
         &mut self,
         scheduled: &[Scheduled],
     ) -> Result<(StepLogits, ForwardStats), ModelError> {
         let work: HashMap<RequestId, usize> = scheduled.iter().map(|s| (s.id, s.tokens)).collect();
         let patient_model = self.patient.model.clone();
-        let mut batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)> =
-            vec![(patient_model.clone(), Vec::new(), Vec::new())];
+        let mut batches = vec![Batch::new(patient_model.clone())];
 
         for (&id, active) in self.active.iter_mut() {
             let Some(&tokens) = work.get(&id) else {
@@ -394,6 +429,8 @@ impl Engine {
             let Active {
                 request, choices, ..
             } = active;
+            let steering = &request.steering;
+            let steered = steering.changes_distribution();
             for choice in choices.iter_mut().filter(|c| !c.finished) {
                 let start = choice.patient_cache.len();
                 let end = (start + tokens).min(choice.tokens.len());
@@ -404,6 +441,10 @@ impl Engine {
                         .prefill_tokens
                         .fetch_add((end - start) as u64, Ordering::Relaxed);
                 }
+                // The choice samples its next token after this step.
+                let samples = end == choice.tokens.len();
+                let logprobs = choice.sampler.params().top_logprobs().is_some();
+                let measures = choice.generated % self.stats_interval == 0 || logprobs;
                 let Choice {
                     tokens: ids,
                     patient_cache,
@@ -411,22 +452,30 @@ impl Engine {
                     index,
                     ..
                 } = choice;
-                let chunk = &ids[start..end];
-                let patient_row = batches[0].1.len();
-                batches[0].1.push(Row {
-                    tokens: chunk,
-                    cache: patient_cache,
-                    adapter: None,
-                    logits: LogitsSelection::Last,
-                    fork_from: None,
-                });
-                batches[0].2.push(RowKey {
+                let key = |slot| RowKey {
                     request: id,
                     choice: *index,
-                    slot: Slot::Patient,
-                });
-                for (doctor_index, (weight, cache)) in request
-                    .steering
+                    slot,
+                };
+                let chunk = &ids[start..end];
+                let patient_row = batches[0].push(
+                    Row {
+                        tokens: chunk,
+                        cache: patient_cache,
+                        adapter: None,
+                        logits: LogitsSelection::Last,
+                        fork_from: None,
+                    },
+                    false,
+                );
+                if samples && (!steered || measures) {
+                    batches[0].output(key(Slot::Patient), vec![(patient_row, 1.0)], steered);
+                }
+                let mut mix = Vec::with_capacity(1 + steering.doctors.len());
+                if steering.alpha != 0.0 {
+                    mix.push((patient_row, steering.alpha));
+                }
+                for (doctor_index, (weight, cache)) in steering
                     .doctors
                     .iter()
                     .zip(doctor_caches.iter_mut())
@@ -436,28 +485,45 @@ impl Engine {
                         DoctorBase::Patient => patient_model.clone(),
                         DoctorBase::Separate(base) => base.model.clone(),
                     };
-                    let batch_index =
-                        match batches.iter().position(|(m, _, _)| Arc::ptr_eq(m, &model)) {
-                            Some(index) => index,
-                            None => {
-                                batches.push((model, Vec::new(), Vec::new()));
-                                batches.len() - 1
-                            }
-                        };
+                    let batch_index = match batches
+                        .iter()
+                        .position(|batch| Arc::ptr_eq(&batch.model, &model))
+                    {
+                        Some(index) => index,
+                        None => {
+                            batches.push(Batch::new(model));
+                            batches.len() - 1
+                        }
+                    };
+                    let on_patient_base = batch_index == 0;
                     // A doctor on the patient's base shares the patient row's hidden states
                     // below its adapter's first layer (none for an adapter on every layer).
-                    batches[batch_index].1.push(Row {
-                        tokens: chunk,
-                        cache,
-                        adapter: Some(&weight.doctor.adapter),
-                        logits: LogitsSelection::Last,
-                        fork_from: (batch_index == 0).then_some(patient_row),
-                    });
-                    batches[batch_index].2.push(RowKey {
-                        request: id,
-                        choice: *index,
-                        slot: Slot::Doctor(doctor_index),
-                    });
+                    let row = batches[batch_index].push(
+                        Row {
+                            tokens: chunk,
+                            cache,
+                            adapter: Some(&weight.doctor.adapter),
+                            logits: LogitsSelection::Last,
+                            fork_from: on_patient_base.then_some(patient_row),
+                        },
+                        true,
+                    );
+                    if !samples {
+                        continue;
+                    }
+                    if on_patient_base && steered && weight.beta != 0.0 {
+                        mix.push((row, weight.beta));
+                    }
+                    if !on_patient_base || logprobs {
+                        batches[batch_index].output(
+                            key(Slot::Doctor(doctor_index)),
+                            vec![(row, 1.0)],
+                            true,
+                        );
+                    }
+                }
+                if samples && steered && !mix.is_empty() {
+                    batches[0].output(key(Slot::Steered), mix, false);
                 }
             }
         }
@@ -531,54 +597,53 @@ impl Engine {
                     .collect::<Result<_, _>>()
                     .map_err(|e| e.to_string())?;
                 active.choices.push(choice);
-                logits.insert(
-                    index,
-                    ChoiceLogits {
-                        patient: source.patient.clone(),
-                        doctors: source.doctors.clone(),
-                    },
-                );
+                logits.insert(index, source.clone());
             }
             logits.insert(0, source);
             active.forked = true;
         }
 
+        let steering = &active.request.steering;
+        let steered = steering.changes_distribution();
         let mut combined = Vec::with_capacity(vocab);
         for choice in active.choices.iter_mut().filter(|c| !c.finished) {
             let rows = logits
                 .remove(&choice.index)
                 .ok_or_else(|| format!("missing logits for choice {}", choice.index))?;
-            let patient = rows.patient.ok_or("missing patient logits")?;
-            let doctor_logits: Vec<Vec<f32>> = rows
-                .doctors
-                .into_iter()
-                .map(|d| d.ok_or("missing doctor logits"))
-                .collect::<Result<_, _>>()?;
-            let weights: Vec<DoctorLogits<'_>> = active
-                .request
-                .steering
-                .doctors
-                .iter()
-                .zip(&doctor_logits)
-                .map(|(w, logits)| DoctorLogits {
-                    beta: w.beta,
-                    logits,
-                })
-                .collect();
-            let stats = steering::combine(
-                &SteeringInput {
-                    alpha: active.request.steering.alpha,
-                    patient: &patient,
-                    doctors: &weights,
-                },
-                &mut combined,
-            )
-            .map_err(|e| e.to_string())?;
+            let stats = if steered {
+                // The patient and the doctors on its base arrive mixed in `rows.steered`.
+                // Doctors on other bases add their own rows.
+                let mut terms = Vec::with_capacity(1 + steering.doctors.len());
+                if let Some(mixed) = &rows.steered {
+                    terms.push(Term {
+                        weight: 1.0,
+                        logits: mixed,
+                    });
+                }
+                for (index, weight) in steering.doctors.iter().enumerate() {
+                    if let DoctorBase::Separate(_) = weight.doctor.base {
+                        let logits = rows.doctor(index).ok_or("missing doctor logits")?;
+                        terms.push(Term {
+                            weight: weight.beta,
+                            logits,
+                        });
+                    }
+                }
+                let input = SteeringInput {
+                    terms: &terms,
+                    patient: rows.patient.as_deref(),
+                };
+                steering::combine(&input, &mut combined).map_err(|e| e.to_string())?
+            } else {
+                let patient = rows.patient.as_deref().ok_or("missing patient logits")?;
+                Some(steering::unsteered(patient, &mut combined))
+            };
             let sampled = choice
                 .sampler
                 .sample(&mut combined, &choice.history)
                 .map_err(|e| e.to_string())?;
-            if active.request.steering.is_steered() {
+            if let Some(stats) = stats.filter(|_| steering.is_steered()) {
+                choice.measured_tokens += 1;
                 choice.kl_sum += f64::from(stats.kl_steered_patient);
                 if stats.changed_top_token() {
                     choice.changed_tokens += 1;
@@ -595,10 +660,15 @@ impl Engine {
                         .iter()
                         .map(|t| (t.token, t.logprob))
                         .collect(),
-                    patient: row_logprob(&patient, sampled.token),
-                    doctors: doctor_logits
-                        .iter()
-                        .map(|d| row_logprob(d, sampled.token))
+                    patient: rows
+                        .patient
+                        .as_deref()
+                        .map_or(f32::NAN, |p| row_logprob(p, sampled.token)),
+                    doctors: (0..steering.doctors.len())
+                        .map(|i| {
+                            rows.doctor(i)
+                                .map_or(f32::NAN, |d| row_logprob(d, sampled.token))
+                        })
                         .collect(),
                 });
             self.push_token(
@@ -696,8 +766,9 @@ impl Engine {
                     .collect(),
                 alpha: parts.request.steering.alpha,
                 changed_tokens: choice.changed_tokens,
-                mean_kl: if choice.generated > 0 {
-                    (choice.kl_sum / choice.generated as f64) as f32
+                measured_tokens: choice.measured_tokens,
+                mean_kl: if choice.measured_tokens > 0 {
+                    (choice.kl_sum / choice.measured_tokens as f64) as f32
                 } else {
                     0.0
                 },
@@ -742,33 +813,100 @@ impl Engine {
     }
 }
 
-/// Runs each model's rows in one forward and collects the logits with row and timing counts.
-fn run_batches(
-    batches: Vec<(Arc<Llama>, Vec<Row<'_>>, Vec<RowKey>)>,
-) -> Result<(StepLogits, ForwardStats), ModelError> {
+/// The rows of one model in a step and the output-layer rows wanted from them.
+struct Batch<'a> {
+    model: Arc<Llama>,
+    rows: Vec<Row<'a>>,
+    /// Per row, whether it is a doctor's.
+    doctor_rows: Vec<bool>,
+    outputs: Vec<Output>,
+}
+
+/// One row of a forward's output layer: the weighted sum of the final hidden states of some
+/// rows of the batch, `(row, weight)`.
+struct Output {
+    key: RowKey,
+    terms: Vec<(usize, f32)>,
+    /// Whether only steering needs it: a doctor's own row, or the patient's own row of a
+    /// steered choice.
+    for_steering: bool,
+}
+
+impl<'a> Batch<'a> {
+    fn new(model: Arc<Llama>) -> Self {
+        Self {
+            model,
+            rows: Vec::new(),
+            doctor_rows: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Adds a row and returns its index.
+    fn push(&mut self, row: Row<'a>, doctor: bool) -> usize {
+        self.rows.push(row);
+        self.doctor_rows.push(doctor);
+        self.rows.len() - 1
+    }
+
+    fn output(&mut self, key: RowKey, terms: Vec<(usize, f32)>, for_steering: bool) {
+        self.outputs.push(Output {
+            key,
+            terms,
+            for_steering,
+        });
+    }
+}
+
+/// Runs each model's rows in one forward, then its output layer once over the wanted rows,
+/// and collects the logits with row and timing counts.
+fn run_batches(batches: Vec<Batch<'_>>) -> Result<(StepLogits, ForwardStats), ModelError> {
     let mut out = StepLogits::default();
     let mut stats = ForwardStats::default();
-    for (batch_index, (model, mut rows, keys)) in batches.into_iter().enumerate() {
+    for (batch_index, batch) in batches.into_iter().enumerate() {
+        let Batch {
+            model,
+            mut rows,
+            doctor_rows,
+            outputs,
+        } = batch;
         if rows.is_empty() {
             continue;
         }
-        let doctor_rows = keys
+        let config = model.config();
+        let layers = config.num_layers;
+        // Work in units of one layer for one token: each row's tokens times the layers it
+        // runs, and the output layer's share for each output row.
+        let row_work =
+            |row: &Row<'_>| (row.tokens.len() * (layers - row.entry_layer(layers))) as f64;
+        let output_work = output_layer_share(config);
+        let total_work =
+            rows.iter().map(row_work).sum::<f64>() + outputs.len() as f64 * output_work;
+        let doctor_work = rows
             .iter()
-            .filter(|k| matches!(k.slot, Slot::Doctor(_)))
-            .count();
-        let layers = model.config().num_layers;
-        // A row's work: its tokens times the layers it runs, plus one for the output layer.
-        let work =
-            |row: &Row<'_>| (row.tokens.len() * (layers - row.entry_layer(layers) + 1)) as f64;
-        let total_work: f64 = rows.iter().map(work).sum();
-        let doctor_work: f64 = rows
-            .iter()
-            .zip(&keys)
-            .filter(|(_, key)| matches!(key.slot, Slot::Doctor(_)))
-            .map(|(row, _)| work(row))
-            .sum();
+            .zip(&doctor_rows)
+            .filter(|(_, &doctor)| doctor)
+            .map(|(row, _)| row_work(row))
+            .sum::<f64>()
+            + outputs.iter().filter(|o| o.for_steering).count() as f64 * output_work;
+
         let started = Instant::now();
-        let logits = model.forward(&mut rows)?;
+        let hidden = model.forward_hidden(&mut rows)?;
+        let inputs = outputs
+            .iter()
+            .map(|output| mix_rows(&hidden, &output.terms))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !inputs.is_empty() {
+            // One call for every output row, so the output matrix, the largest weight, is
+            // read once per step.
+            let logits = model.lm_head(&Tensor::cat(&inputs, 0)?)?;
+            let mut offset = 0;
+            for (output, input) in outputs.iter().zip(&inputs) {
+                let len = input.dim(0)?;
+                out.insert(output.key, logits.narrow(0, offset, len)?);
+                offset += len;
+            }
+        }
         let seconds = started.elapsed().as_secs_f64();
         // NOTE: rows of doctors on the patient's base share one forward with the patient,
         // so their time is estimated as the doctor rows' share of that forward's work.
@@ -777,13 +915,37 @@ fn run_batches(
         } else {
             seconds
         };
-        stats.rows += keys.len();
-        stats.doctor_rows += doctor_rows;
-        for (key, tensor) in keys.into_iter().zip(logits) {
-            out.insert(key, tensor);
-        }
+        stats.rows += rows.len();
+        stats.doctor_rows += doctor_rows.iter().filter(|&&doctor| doctor).count();
     }
     Ok((out, stats))
+}
+
+/// Returns `Σ weight · hidden[row]`. One term of weight 1 is the row itself, bit for bit.
+fn mix_rows(hidden: &[Tensor], terms: &[(usize, f32)]) -> Result<Tensor, ModelError> {
+    let mut sum: Option<Tensor> = None;
+    for &(row, weight) in terms {
+        let term = if weight == 1.0 {
+            hidden[row].clone()
+        } else {
+            hidden[row].affine(f64::from(weight), 0.0)?
+        };
+        sum = Some(match sum {
+            Some(sum) => (sum + term)?,
+            None => term,
+        });
+    }
+    sum.ok_or_else(|| candle_core::Error::Msg("an output row without terms".into()).into())
+}
+
+/// Returns the output layer's work for one token relative to one layer's, from the weight
+/// counts of the projections.
+fn output_layer_share(config: &crate::model::ModelConfig) -> f64 {
+    let hidden = config.hidden_size;
+    let kv = config.num_kv_heads * config.head_dim;
+    let attention = 2 * hidden * config.num_heads * config.head_dim + 2 * hidden * kv;
+    let mlp = 3 * hidden * config.intermediate_size;
+    (config.vocab_size * hidden) as f64 / (attention + mlp).max(1) as f64
 }
 
 /// Row counts and doctor time of one step's forward.

@@ -38,6 +38,12 @@ impl Steering {
     pub fn is_steered(&self) -> bool {
         !self.doctors.is_empty()
     }
+
+    /// Whether the steered distribution can differ from the patient's: α ≠ 1, or a doctor has
+    /// β ≠ 0. Otherwise the engine samples from the patient's own distribution, bit for bit.
+    pub fn changes_distribution(&self) -> bool {
+        self.alpha != 1.0 || self.doctors.iter().any(|d| d.beta != 0.0)
+    }
 }
 
 impl GenerationRequest {
@@ -140,9 +146,12 @@ pub struct SteeringSummary {
     pub doctors: Vec<(String, f32)>,
     /// α.
     pub alpha: f32,
-    /// Tokens where the steered top token differs from the patient's.
+    /// Measured tokens where the steered top token differs from the patient's.
     pub changed_tokens: usize,
-    /// Mean per-token KL(steered ‖ patient), nats.
+    /// Generated tokens on which the statistics were measured (see
+    /// [`crate::engine::core::EngineConfig::steering_stats_interval`]).
+    pub measured_tokens: usize,
+    /// Mean KL(steered ‖ patient) over the measured tokens, nats.
     pub mean_kl: f32,
 }
 

@@ -10,9 +10,15 @@
 //! log-probability vector. The sampler then applies the request's bias, penalties, temperature
 //! and truncation to that vector.
 //!
-//! A weight of exactly 0 drops its term. With α = 1 and no remaining doctor term, [`combine`]
-//! returns `log_softmax(z_p)` bit for bit, so a request whose doctors all have β = 0 decodes
-//! exactly like an unsteered one.
+//! Each `log_softmax` differs from its raw logits by a constant, and the renormalisation
+//! removes constants, so [`combine`] sums weighted raw logits. The engine goes one step
+//! further for rows that share the patient's output layer: `α·W·h_p + Σ β_i·W·h_i` equals
+//! `W·(α·h_p + Σ β_i·h_i)`, so it mixes their final hidden states and runs the output layer
+//! once. Such a mixed row enters [`combine`] as one term of weight 1.
+//!
+//! A weight of exactly 0 drops its term. [`unsteered`] is the patient's own distribution,
+//! which the engine uses whenever α = 1 and every β = 0, so such a request decodes exactly like
+//! an unsteered one.
 
 use thiserror::Error;
 
@@ -20,51 +26,49 @@ use thiserror::Error;
 /// doctor registry rejects doctors whose vocabulary differs from the patient's.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SteeringError {
-    /// The patient row has no logits.
-    #[error("cannot steer an empty row: the patient logits are empty")]
-    EmptyPatient,
+    /// No term has a nonzero weight and logits.
+    #[error("cannot steer a step without logits: every term is empty or has weight 0")]
+    NothingToCombine,
 
-    /// A doctor row and the patient row differ in length.
+    /// A term or the patient row differs in length from the first term.
     #[error(
-        "doctor {doctor_index} has {doctor_len} logits but the patient has {patient_len}; \
-         steering needs the patient's vocabulary in every doctor"
+        "term {index} has {len} logits but the first term has {expected}; steering needs one \
+         vocabulary in every row"
     )]
     VocabularyMismatch {
-        /// Position of the doctor in [`SteeringInput::doctors`].
-        doctor_index: usize,
-        /// Length of that doctor's logits.
-        doctor_len: usize,
-        /// Length of the patient's logits.
-        patient_len: usize,
+        /// Position of the term in [`SteeringInput::terms`], or the number of terms for the
+        /// patient row.
+        index: usize,
+        /// Length of that row.
+        len: usize,
+        /// Length of the first term.
+        expected: usize,
     },
 }
 
-/// One doctor's row in a steering step.
+/// One weighted row of the sum.
 #[derive(Debug, Clone, Copy)]
-pub struct DoctorLogits<'a> {
-    /// β, the weight of this doctor's log-probabilities. 0 leaves the doctor out and a negative
-    /// weight steers away from what the doctor prefers.
-    pub beta: f32,
-    /// Raw logits of the doctor's row, `(vocab,)`.
+pub struct Term<'a> {
+    /// The weight: α for the patient, β for a doctor (negative steers away from what the
+    /// doctor prefers), 1 for a row mixed before the output layer. 0 drops the term.
+    pub weight: f32,
+    /// Raw logits, `(vocab,)`.
     pub logits: &'a [f32],
 }
 
 /// The rows and weights of one steered step for one sequence.
 #[derive(Debug, Clone, Copy)]
 pub struct SteeringInput<'a> {
-    /// α, the weight of the patient's log-probabilities (1 unless the request sets
-    /// `patient_alpha`).
-    pub alpha: f32,
-    /// Raw logits of the patient's row, `(vocab,)`.
-    pub patient: &'a [f32],
-    /// The doctors steering this sequence. May be empty.
-    pub doctors: &'a [DoctorLogits<'a>],
+    /// The terms of the weighted sum.
+    pub terms: &'a [Term<'a>],
+    /// The patient's own raw logits, when this step measures [`SteeringStats`].
+    pub patient: Option<&'a [f32]>,
 }
 
 /// Per-step measurements of how much steering moved the patient's distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SteeringStats {
-    /// KL(steered ‖ patient) in nats. Exactly 0 on the unsteered fast path, and +∞ when the
+    /// KL(steered ‖ patient) in nats. Exactly 0 on the unsteered path, and +∞ when the
     /// steered distribution puts mass on a token the patient gives probability 0.
     pub kl_steered_patient: f32,
     /// Most likely token under the patient alone (lowest id on ties).
@@ -81,74 +85,72 @@ impl SteeringStats {
 }
 
 /// Writes the steered log-probabilities of one step into `out` (cleared first, `(vocab,)` on
-/// return) and measures how far they moved from the patient's.
+/// return). Measures how far they moved from the patient's when `input.patient` is given.
 ///
-/// Doctors with β = 0 are skipped. When α = 1 and no doctor is left, `out` is exactly
-/// `log_softmax(patient)`.
+/// Terms of weight 0 are skipped. A single term of weight 1 gives exactly its
+/// `log_softmax`.
 pub fn combine(
     input: &SteeringInput<'_>,
     out: &mut Vec<f32>,
-) -> Result<SteeringStats, SteeringError> {
-    let patient = input.patient;
-    if patient.is_empty() {
-        return Err(SteeringError::EmptyPatient);
-    }
-    for (doctor_index, doctor) in input.doctors.iter().enumerate() {
-        if doctor.logits.len() != patient.len() {
+) -> Result<Option<SteeringStats>, SteeringError> {
+    let mut active = input.terms.iter().filter(|term| term.weight != 0.0);
+    let Some(first) = active.next().filter(|term| !term.logits.is_empty()) else {
+        return Err(SteeringError::NothingToCombine);
+    };
+    let expected = first.logits.len();
+    let lengths = input
+        .terms
+        .iter()
+        .map(|term| term.logits.len())
+        .chain(input.patient.map(<[f32]>::len));
+    for (index, len) in lengths.enumerate() {
+        if len != expected {
             return Err(SteeringError::VocabularyMismatch {
-                doctor_index,
-                doctor_len: doctor.logits.len(),
-                patient_len: patient.len(),
+                index,
+                len,
+                expected,
             });
         }
     }
 
-    let has_active_doctor = input.doctors.iter().any(|doctor| doctor.beta != 0.0);
-    if input.alpha == 1.0 && !has_active_doctor {
-        return unsteered(patient, out);
-    }
-
-    let (patient_max, patient_argmax) = max_and_argmax(patient);
-    let patient_argmax = patient_argmax.unwrap_or(0);
-    let patient_normaliser = LogNormaliser::with_max(patient, patient_max);
-    // The weighted sum of raw logits differs from the weighted sum of log-probabilities only
-    // by a constant, and the renormalisation below removes it. Skipping the per-row
-    // normalisers saves two passes over the vocabulary per doctor.
     out.clear();
-    out.resize(patient.len(), 0.0);
-    if input.alpha != 0.0 {
-        for (combined, &logit) in out.iter_mut().zip(patient) {
-            *combined = input.alpha * logit;
-        }
+    if first.weight == 1.0 {
+        out.extend_from_slice(first.logits);
+    } else {
+        out.extend(first.logits.iter().map(|&logit| first.weight * logit));
     }
-    for doctor in input.doctors.iter().filter(|doctor| doctor.beta != 0.0) {
-        for (combined, &logit) in out.iter_mut().zip(doctor.logits) {
-            *combined += doctor.beta * logit;
+    for term in active {
+        for (combined, &logit) in out.iter_mut().zip(term.logits) {
+            *combined += term.weight * logit;
         }
     }
     let steered_argmax = log_softmax_in_place(out).unwrap_or(0);
 
-    let kl_steered_patient = kl_divergence(out, patient, patient_normaliser);
-    Ok(SteeringStats {
-        kl_steered_patient,
-        patient_argmax,
+    let Some(patient) = input.patient else {
+        return Ok(None);
+    };
+    let (patient_max, patient_argmax) = max_and_argmax(patient);
+    let patient_normaliser = LogNormaliser::with_max(patient, patient_max);
+    Ok(Some(SteeringStats {
+        kl_steered_patient: kl_divergence(out, patient, patient_normaliser),
+        patient_argmax: patient_argmax.unwrap_or(0),
         steered_argmax,
-    })
+    }))
 }
 
-/// Computes the fast path of [`combine`]: the patient's own log-probabilities, untouched by
-/// any arithmetic that could change a bit.
-fn unsteered(patient: &[f32], out: &mut Vec<f32>) -> Result<SteeringStats, SteeringError> {
+/// Writes the patient's own log-probabilities into `out` (cleared first), untouched by any
+/// arithmetic that could change a bit. This is the distribution of an unsteered request.
+pub fn unsteered(patient: &[f32], out: &mut Vec<f32>) -> SteeringStats {
     let (max, top) = max_and_argmax(patient);
     let normaliser = LogNormaliser::with_max(patient, max);
     out.clear();
     out.extend(patient.iter().map(|&logit| normaliser.log_prob(logit)));
     let top = top.unwrap_or(0);
-    Ok(SteeringStats {
+    SteeringStats {
         kl_steered_patient: 0.0,
         patient_argmax: top,
         steered_argmax: top,
-    })
+    }
 }
 
 /// KL(steered ‖ patient) in nats, from the steered log-probabilities and the patient's raw
@@ -428,75 +430,95 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn combine_without_doctors_is_bitwise_log_softmax() -> Result<(), SteeringError> {
-        let patient = wide_logits();
-        let mut out = Vec::new();
-        let stats = combine(
-            &SteeringInput {
-                alpha: 1.0,
-                patient: &patient,
-                doctors: &[],
-            },
-            &mut out,
-        )?;
-        let expected = log_softmax(&patient);
-        let out_bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
-        let expected_bits: Vec<u32> = expected.iter().map(|x| x.to_bits()).collect();
-        assert_eq!(out_bits, expected_bits);
-        assert_eq!(stats.kl_steered_patient, 0.0);
-        assert_eq!(Some(stats.patient_argmax), argmax(&patient));
-        assert!(!stats.changed_top_token());
-        Ok(())
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]
-    fn combine_with_zero_betas_is_bitwise_log_softmax() -> Result<(), SteeringError> {
+    fn unsteered_is_bitwise_log_softmax() {
+        let patient = wide_logits();
+        let mut out = Vec::new();
+        let stats = unsteered(&patient, &mut out);
+        assert_eq!(bits(&out), bits(&log_softmax(&patient)));
+        assert_eq!(stats.kl_steered_patient, 0.0);
+        assert_eq!(Some(stats.patient_argmax), argmax(&patient));
+        assert!(!stats.changed_top_token());
+    }
+
+    #[test]
+    fn one_unit_term_is_bitwise_log_softmax() -> Result<(), SteeringError> {
         let patient = wide_logits();
         let doctor: Vec<f32> = patient.iter().rev().copied().collect();
-        let doctors = [
-            DoctorLogits {
-                beta: 0.0,
+        let terms = [
+            Term {
+                weight: 0.0,
                 logits: &doctor,
             },
-            DoctorLogits {
-                beta: 0.0,
+            Term {
+                weight: 1.0,
                 logits: &patient,
+            },
+            Term {
+                weight: 0.0,
+                logits: &doctor,
             },
         ];
         let mut out = vec![9.0; 2];
         let stats = combine(
             &SteeringInput {
-                alpha: 1.0,
-                patient: &patient,
-                doctors: &doctors,
+                terms: &terms,
+                patient: Some(&patient),
             },
             &mut out,
-        )?;
-        let expected = log_softmax(&patient);
-        let out_bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
-        let expected_bits: Vec<u32> = expected.iter().map(|x| x.to_bits()).collect();
-        assert_eq!(out_bits, expected_bits);
+        )?
+        .expect("the patient row was given");
+        assert_eq!(bits(&out), bits(&log_softmax(&patient)));
         assert_eq!(stats.kl_steered_patient, 0.0);
         Ok(())
     }
 
     #[test]
-    fn combine_with_zero_alpha_returns_doctor() -> Result<(), SteeringError> {
-        let patient = [f32::NEG_INFINITY, 0.0, 1.0, 2.0, 3.0];
-        let doctors = [DoctorLogits {
-            beta: 1.0,
+    fn combine_without_patient_measures_nothing() -> Result<(), SteeringError> {
+        let terms = [Term {
+            weight: 0.5,
             logits: &DOCTOR,
         }];
         let mut out = Vec::new();
         let stats = combine(
             &SteeringInput {
-                alpha: 0.0,
-                patient: &patient,
-                doctors: &doctors,
+                terms: &terms,
+                patient: None,
             },
             &mut out,
         )?;
+        assert!(stats.is_none());
+        let halved: Vec<f32> = DOCTOR.iter().map(|x| 0.5 * x).collect();
+        assert_close(&out, &log_softmax(&halved), 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn combine_with_doctor_alone_returns_doctor() -> Result<(), SteeringError> {
+        let patient = [f32::NEG_INFINITY, 0.0, 1.0, 2.0, 3.0];
+        let terms = [
+            Term {
+                weight: 0.0,
+                logits: &patient,
+            },
+            Term {
+                weight: 1.0,
+                logits: &DOCTOR,
+            },
+        ];
+        let mut out = Vec::new();
+        let stats = combine(
+            &SteeringInput {
+                terms: &terms,
+                patient: Some(&patient),
+            },
+            &mut out,
+        )?
+        .expect("the patient row was given");
         assert_close(&out, &log_softmax(&DOCTOR), 1e-6);
         assert_eq!(stats.steered_argmax, 3);
         assert_eq!(stats.patient_argmax, 4);
@@ -510,19 +532,25 @@ mod tests {
         // The product is (0.125, 0.0625, 0.125), which normalises to (0.4, 0.2, 0.4).
         let patient = [0.5_f32.ln(), 0.25_f32.ln(), 0.25_f32.ln()];
         let doctor = [0.25_f32.ln(), 0.25_f32.ln(), 0.5_f32.ln()];
-        let doctors = [DoctorLogits {
-            beta: 1.0,
-            logits: &doctor,
-        }];
+        let terms = [
+            Term {
+                weight: 1.0,
+                logits: &patient,
+            },
+            Term {
+                weight: 1.0,
+                logits: &doctor,
+            },
+        ];
         let mut out = Vec::new();
         let stats = combine(
             &SteeringInput {
-                alpha: 1.0,
-                patient: &patient,
-                doctors: &doctors,
+                terms: &terms,
+                patient: Some(&patient),
             },
             &mut out,
-        )?;
+        )?
+        .expect("the patient row was given");
 
         let probabilities: Vec<f32> = out.iter().map(|x| x.exp()).collect();
         assert_close(&probabilities, &[0.4, 0.2, 0.4], 1e-6);
@@ -535,22 +563,75 @@ mod tests {
     }
 
     #[test]
+    fn premixed_term_equals_separate_terms() -> Result<(), SteeringError> {
+        // A row mixed before a linear output layer, α·z_p + β·z_d, enters with weight 1.
+        let mixed: Vec<f32> = PATIENT
+            .iter()
+            .zip(&DOCTOR)
+            .map(|(p, d)| 0.8 * p + 0.5 * d)
+            .collect();
+        let mut from_mixed = Vec::new();
+        let mut from_terms = Vec::new();
+        let mixed_stats = combine(
+            &SteeringInput {
+                terms: &[Term {
+                    weight: 1.0,
+                    logits: &mixed,
+                }],
+                patient: Some(&PATIENT),
+            },
+            &mut from_mixed,
+        )?;
+        let terms = [
+            Term {
+                weight: 0.8,
+                logits: &PATIENT,
+            },
+            Term {
+                weight: 0.5,
+                logits: &DOCTOR,
+            },
+        ];
+        let term_stats = combine(
+            &SteeringInput {
+                terms: &terms,
+                patient: Some(&PATIENT),
+            },
+            &mut from_terms,
+        )?;
+        assert_close(&from_mixed, &from_terms, 1e-6);
+        let kl = |stats: Option<SteeringStats>| stats.map(|s| s.kl_steered_patient);
+        let (a, b) = (kl(mixed_stats), kl(term_stats));
+        assert!(
+            a.zip(b).is_some_and(|(a, b)| (a - b).abs() < 1e-6),
+            "{a:?} vs {b:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn combine_lets_strong_doctor_choose_top_token() -> Result<(), SteeringError> {
         let mut doctor = [0.0; 5];
         doctor[1] = 20.0;
-        let doctors = [DoctorLogits {
-            beta: 0.5,
-            logits: &doctor,
-        }];
+        let terms = [
+            Term {
+                weight: 1.0,
+                logits: &PATIENT,
+            },
+            Term {
+                weight: 0.5,
+                logits: &doctor,
+            },
+        ];
         let mut out = Vec::new();
         let stats = combine(
             &SteeringInput {
-                alpha: 1.0,
-                patient: &PATIENT,
-                doctors: &doctors,
+                terms: &terms,
+                patient: Some(&PATIENT),
             },
             &mut out,
-        )?;
+        )?
+        .expect("the patient row was given");
         assert_eq!(stats.patient_argmax, 2);
         assert_eq!(stats.steered_argmax, 1);
         assert!(stats.changed_top_token());
@@ -562,16 +643,21 @@ mod tests {
     fn combine_with_negative_beta_steers_away() -> Result<(), SteeringError> {
         let mut doctor = [0.0; 5];
         doctor[2] = 10.0;
-        let doctors = [DoctorLogits {
-            beta: -1.0,
-            logits: &doctor,
-        }];
+        let terms = [
+            Term {
+                weight: 1.0,
+                logits: &PATIENT,
+            },
+            Term {
+                weight: -1.0,
+                logits: &doctor,
+            },
+        ];
         let mut out = Vec::new();
         combine(
             &SteeringInput {
-                alpha: 1.0,
-                patient: &PATIENT,
-                doctors: &doctors,
+                terms: &terms,
+                patient: None,
             },
             &mut out,
         )?;
@@ -581,46 +667,67 @@ mod tests {
     }
 
     #[test]
-    fn combine_rejects_mismatched_doctor() {
-        let doctors = [
-            DoctorLogits {
-                beta: 0.5,
+    fn combine_rejects_mismatched_rows() {
+        let terms = [
+            Term {
+                weight: 0.5,
                 logits: &DOCTOR,
             },
-            DoctorLogits {
-                beta: 0.5,
+            Term {
+                weight: 0.5,
                 logits: &DOCTOR[..4],
             },
         ];
         let result = combine(
             &SteeringInput {
-                alpha: 1.0,
-                patient: &PATIENT,
-                doctors: &doctors,
+                terms: &terms,
+                patient: Some(&PATIENT),
             },
             &mut Vec::new(),
         );
         assert_eq!(
             result,
             Err(SteeringError::VocabularyMismatch {
-                doctor_index: 1,
-                doctor_len: 4,
-                patient_len: 5,
+                index: 1,
+                len: 4,
+                expected: 5,
+            })
+        );
+        let result = combine(
+            &SteeringInput {
+                terms: &terms[..1],
+                patient: Some(&PATIENT[..3]),
+            },
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            result,
+            Err(SteeringError::VocabularyMismatch {
+                index: 1,
+                len: 3,
+                expected: 5,
             })
         );
     }
 
     #[test]
-    fn combine_rejects_empty_patient() {
-        let result = combine(
-            &SteeringInput {
-                alpha: 1.0,
-                patient: &[],
-                doctors: &[],
-            },
-            &mut Vec::new(),
-        );
-        assert_eq!(result, Err(SteeringError::EmptyPatient));
+    fn combine_rejects_empty_steps() {
+        let empty = [Term {
+            weight: 1.0,
+            logits: &[],
+        }];
+        let zero = [Term {
+            weight: 0.0,
+            logits: &PATIENT,
+        }];
+        for terms in [&[][..], &empty[..], &zero[..]] {
+            let input = SteeringInput {
+                terms,
+                patient: None,
+            };
+            let result = combine(&input, &mut Vec::new());
+            assert_eq!(result, Err(SteeringError::NothingToCombine));
+        }
     }
 
     /// Owned rows for one randomly generated steering step.
@@ -672,22 +779,34 @@ mod tests {
 
         #[test]
         fn combine_output_is_normalised_with_nonnegative_kl(rows in step_rows()) {
-            let doctors: Vec<DoctorLogits<'_>> = rows
-                .doctors
-                .iter()
-                .map(|(beta, logits)| DoctorLogits { beta: *beta, logits })
-                .collect();
+            let mut terms = vec![Term { weight: rows.alpha, logits: &rows.patient }];
+            terms.extend(
+                rows.doctors
+                    .iter()
+                    .map(|(weight, logits)| Term { weight: *weight, logits }),
+            );
             let input = SteeringInput {
-                alpha: rows.alpha,
-                patient: &rows.patient,
-                doctors: &doctors,
+                terms: &terms,
+                patient: Some(&rows.patient),
             };
             let mut out = Vec::new();
-            let stats = combine(&input, &mut out)?;
-            prop_assert_eq!(out.len(), rows.patient.len());
-            prop_assert!(log_sum_exp(&out).abs() < 1e-5, "log-sum-exp {}", log_sum_exp(&out));
-            prop_assert!(stats.kl_steered_patient >= 0.0);
-            prop_assert!((stats.steered_argmax as usize) < rows.patient.len());
+            match combine(&input, &mut out) {
+                Ok(stats) => {
+                    let stats = stats.expect("the patient row was given");
+                    prop_assert_eq!(out.len(), rows.patient.len());
+                    prop_assert!(
+                        log_sum_exp(&out).abs() < 1e-5,
+                        "log-sum-exp {}",
+                        log_sum_exp(&out)
+                    );
+                    prop_assert!(stats.kl_steered_patient >= 0.0);
+                    prop_assert!((stats.steered_argmax as usize) < rows.patient.len());
+                }
+                Err(err) => {
+                    prop_assert_eq!(err, SteeringError::NothingToCombine);
+                    prop_assert!(terms.iter().all(|term| term.weight == 0.0));
+                }
+            }
         }
     }
 }

@@ -9,8 +9,12 @@ use super::scheduler::RequestId;
 /// Which row of a choice a logits tensor belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Slot {
+    /// The patient's own row.
     Patient,
+    /// A doctor's own row, by index in the request's doctors.
     Doctor(usize),
+    /// The patient's and its base's doctors' rows mixed before the output layer.
+    Steered,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -20,11 +24,20 @@ pub(crate) struct RowKey {
     pub(crate) slot: Slot,
 }
 
-/// Logits of one choice's rows in a step, converted to host vectors.
-#[derive(Default)]
+/// Logits of one choice's rows in a step, converted to host vectors. A row the step did not
+/// compute is `None`.
+#[derive(Clone, Default)]
 pub(crate) struct ChoiceLogits {
     pub(crate) patient: Option<Vec<f32>>,
     pub(crate) doctors: Vec<Option<Vec<f32>>>,
+    pub(crate) steered: Option<Vec<f32>>,
+}
+
+impl ChoiceLogits {
+    /// Returns the logits of doctor `index`'s own row, if the step computed it.
+    pub(crate) fn doctor(&self, index: usize) -> Option<&[f32]> {
+        self.doctors.get(index)?.as_deref()
+    }
 }
 
 /// The logits tensors of one choice's rows: the patient's, and each doctor's by index.
@@ -32,6 +45,7 @@ pub(crate) struct ChoiceLogits {
 struct ChoiceTensors {
     patient: Option<Tensor>,
     doctors: Vec<(usize, Tensor)>,
+    steered: Option<Tensor>,
 }
 
 /// Logits of one step, by request and choice.
@@ -46,6 +60,7 @@ impl StepLogits {
         match key.slot {
             Slot::Patient => entry.patient = Some(tensor),
             Slot::Doctor(index) => entry.doctors.push((index, tensor)),
+            Slot::Steered => entry.steered = Some(tensor),
         }
     }
 
@@ -62,19 +77,27 @@ impl StepLogits {
             .collect();
         keys.into_iter()
             .filter_map(|key| {
-                let ChoiceTensors { patient, doctors } = self.tensors.remove(&key)?;
+                let ChoiceTensors {
+                    patient,
+                    doctors,
+                    steered,
+                } = self.tensors.remove(&key)?;
                 let to_vec = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
-                let mut doctor_rows = vec![None; doctors.len()];
+                let rows = doctors
+                    .iter()
+                    .map(|(index, _)| index + 1)
+                    .max()
+                    .unwrap_or(0);
+                let mut doctor_rows = vec![None; rows];
                 for (index, tensor) in doctors {
-                    if index < doctor_rows.len() {
-                        doctor_rows[index] = to_vec(tensor);
-                    }
+                    doctor_rows[index] = to_vec(tensor);
                 }
                 Some((
                     key,
                     ChoiceLogits {
                         patient: patient.and_then(to_vec),
                         doctors: doctor_rows,
+                        steered: steered.and_then(to_vec),
                     },
                 ))
             })

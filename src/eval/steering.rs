@@ -67,8 +67,10 @@ pub struct Sample {
     pub completion_tokens: usize,
     /// Mean KL(steered ‖ patient) of the choice, when steered.
     pub mean_kl: Option<f32>,
-    /// Tokens whose top token changed, when steered.
+    /// Measured tokens whose top token changed, when steered.
     pub changed_tokens: Option<usize>,
+    /// Tokens the engine measured `mean_kl` and `changed_tokens` on, when steered.
+    pub measured_tokens: Option<usize>,
 }
 
 /// Samples one response through the engine.
@@ -116,6 +118,7 @@ pub fn sample(
                 if let Some(summary) = end.steering {
                     result.mean_kl = Some(summary.mean_kl);
                     result.changed_tokens = Some(summary.changed_tokens);
+                    result.measured_tokens = Some(summary.measured_tokens);
                 }
             }
             Event::Done(_) => break,
@@ -160,7 +163,7 @@ pub fn steering_effect(
     };
     let mut steered = Vec::new();
     let mut unsteered = Vec::new();
-    let (mut kl_sum, mut changed, mut tokens) = (0.0f64, 0usize, 0usize);
+    let (mut kl_sum, mut changed, mut tokens, mut measured) = (0.0f64, 0usize, 0usize, 0usize);
     for (index, prompt) in prompts.iter().enumerate() {
         for j in 0..config.samples_per_prompt {
             let seed = config.seed + (index * config.samples_per_prompt + j) as u64;
@@ -176,19 +179,23 @@ pub fn steering_effect(
                 )
             };
             let with = run(steered_with())?;
-            kl_sum += f64::from(with.mean_kl.unwrap_or(0.0)) * with.completion_tokens as f64;
+            let with_measured = with.measured_tokens.unwrap_or(0);
+            kl_sum += f64::from(with.mean_kl.unwrap_or(0.0)) * with_measured as f64;
             changed += with.changed_tokens.unwrap_or(0);
+            measured += with_measured;
             tokens += with.completion_tokens;
             steered.push(with.ids);
             unsteered.push(run(Steering::default())?.ids);
         }
         on_prompt(index + 1);
     }
+    // Means over the tokens the engine measured: all of them when its
+    // `steering_stats_interval` is 1, as `llmdoctor eval` sets it.
     let per_token = |value: f64| {
-        if tokens == 0 {
+        if measured == 0 {
             0.0
         } else {
-            value / tokens as f64
+            value / measured as f64
         }
     };
     Ok(SteeringEffect {
