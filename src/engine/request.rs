@@ -39,8 +39,8 @@ impl Steering {
         !self.doctors.is_empty()
     }
 
-    /// Whether the steered distribution can differ from the patient's: α ≠ 1, or a doctor has
-    /// β ≠ 0. Otherwise the engine samples from the patient's own distribution, bit for bit.
+    /// Reports whether the steered distribution can differ from the patient's: α ≠ 1, or a
+    /// doctor has β ≠ 0. Otherwise the engine samples from the patient's own distribution, bit for bit.
     pub fn changes_distribution(&self) -> bool {
         self.alpha != 1.0 || self.doctors.iter().any(|d| d.beta != 0.0)
     }

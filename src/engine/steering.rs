@@ -570,6 +570,7 @@ mod tests {
             .zip(&DOCTOR)
             .map(|(p, d)| 0.8 * p + 0.5 * d)
             .collect();
+
         let mut from_mixed = Vec::new();
         let mut from_terms = Vec::new();
         let mixed_stats = combine(
@@ -582,6 +583,7 @@ mod tests {
             },
             &mut from_mixed,
         )?;
+
         let terms = [
             Term {
                 weight: 0.8,
@@ -599,6 +601,7 @@ mod tests {
             },
             &mut from_terms,
         )?;
+
         assert_close(&from_mixed, &from_terms, 1e-6);
         let kl = |stats: Option<SteeringStats>| stats.map(|s| s.kl_steered_patient);
         let (a, b) = (kl(mixed_stats), kl(term_stats));
