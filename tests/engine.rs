@@ -705,6 +705,25 @@ fn steered_tokens_match_a_mixed_full_forward() {
     }
 }
 
+/// α = 0 with every β = 0 leaves nothing of either distribution: the steered distribution is
+/// uniform, and the request still completes.
+#[test]
+fn zero_alpha_and_beta_sample_uniformly() {
+    let tiny = tiny_engine(SchedulerConfig::default());
+    let mut steering = steer(&tiny.registry, &[("marker", 0.0)]);
+    steering.alpha = 0.0;
+    let reply = run(
+        &tiny.engine,
+        request(PROMPT, 40, sampling(1.0, Some(3)), steering),
+    );
+    assert_eq!(reply.ids.len(), 40);
+    assert_eq!(reply.reason, FinishReason::Length);
+    // KL(uniform ‖ patient) is positive for any patient that is not uniform.
+    assert!(reply.mean_kl.unwrap() > 0.0);
+    let distinct: std::collections::HashSet<u32> = reply.ids.iter().copied().collect();
+    assert!(distinct.len() > 20, "{} distinct tokens", distinct.len());
+}
+
 /// Measuring steering statistics adds the patient's own output row but must not change what
 /// is sampled: every interval, and a request with logprobs, gives the same tokens.
 #[test]

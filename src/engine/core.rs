@@ -606,10 +606,14 @@ impl Engine {
         let steering = &active.request.steering;
         let steered = steering.changes_distribution();
         let mut combined = Vec::with_capacity(vocab);
+        // With α = 0 and every β = 0 the sum has no term: every logit is 0, so the steered
+        // distribution is uniform.
+        let zeros = vec![0.0; vocab];
         for choice in active.choices.iter_mut().filter(|c| !c.finished) {
-            let rows = logits
-                .remove(&choice.index)
-                .ok_or_else(|| format!("missing logits for choice {}", choice.index))?;
+            // A choice whose every term has weight 0 gets no output row on a step that does
+            // not measure, so an absent entry means no rows, and a missing row is an error
+            // below.
+            let rows = logits.remove(&choice.index).unwrap_or_default();
             let stats = if steered {
                 // The patient and the doctors on its base arrive mixed in `rows.steered`.
                 // Doctors on other bases add their own rows.
@@ -628,6 +632,12 @@ impl Engine {
                             logits,
                         });
                     }
+                }
+                if terms.is_empty() {
+                    terms.push(Term {
+                        weight: 1.0,
+                        logits: &zeros,
+                    });
                 }
                 let input = SteeringInput {
                     terms: &terms,
