@@ -292,6 +292,20 @@ async fn admin_routes_need_the_admin_key() {
         }
         assert_eq!(request.send().await.unwrap().status().as_u16(), expected);
     }
+    let response = server
+        .client
+        .post(&url)
+        .bearer_auth("admin")
+        .json(&json!({"name": "no-such-doctor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404, "missing folder");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "doctor_not_found");
+    assert_eq!(body["error"]["param"], "name");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no-such-doctor"), "{message}");
     server.stop().await;
 }
 

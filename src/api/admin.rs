@@ -105,6 +105,7 @@ pub async fn list_doctors(
     responses(
         (status = 200, description = "The loaded doctor", body = DoctorCard),
         (status = 400, description = "Invalid name, folder outside the doctors directory, or a doctor that fails to load", body = ErrorBody),
+        (status = 404, description = "No folder of that name in the doctors directory", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 403, description = "No admin key is configured", body = ErrorBody),
         (status = 503, description = "Loading", body = ErrorBody),

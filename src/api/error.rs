@@ -167,7 +167,9 @@ impl ApiError {
             | Self::Sampling(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::Doctor(err) => match **err {
-                DoctorError::NotFound { .. } => StatusCode::NOT_FOUND,
+                DoctorError::NotFound { .. } | DoctorError::FolderNotFound { .. } => {
+                    StatusCode::NOT_FOUND
+                }
                 _ => StatusCode::BAD_REQUEST,
             },
             Self::Engine(err) => match err {
@@ -197,6 +199,9 @@ impl ApiError {
             Self::Doctor(err) if matches!(**err, DoctorError::NotFound { .. }) => {
                 Some("doctor".into())
             }
+            Self::Doctor(err) if matches!(**err, DoctorError::FolderNotFound { .. }) => {
+                Some("name".into())
+            }
             Self::Engine(EngineError::TooLarge { .. }) => Some("max_tokens".into()),
             _ => None,
         }
@@ -210,7 +215,12 @@ impl ApiError {
                 Some("context_length_exceeded")
             }
             Self::ModelNotFound { .. } => Some("model_not_found"),
-            Self::Doctor(err) if matches!(**err, DoctorError::NotFound { .. }) => {
+            Self::Doctor(err)
+                if matches!(
+                    **err,
+                    DoctorError::NotFound { .. } | DoctorError::FolderNotFound { .. }
+                ) =>
+            {
                 Some("doctor_not_found")
             }
             Self::Unauthorized => Some("invalid_api_key"),

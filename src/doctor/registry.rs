@@ -27,7 +27,15 @@ pub enum DoctorError {
         /// Names of the loaded doctors.
         loaded: Vec<String>,
     },
-    /// The folder is missing or resolves outside the doctors directory.
+    /// The doctors directory has no folder of this name.
+    #[error(
+        "doctor folder `{path}` does not exist; put the doctor's files in a folder of that name"
+    )]
+    FolderNotFound {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// The folder resolves outside the doctors directory, or the directory itself is missing.
     #[error("doctor folder `{path}` {reason}")]
     BadFolder {
         /// The folder.
@@ -294,7 +302,9 @@ impl DoctorRegistry {
             .map_err(|_| bad(&self.dir, "does not exist"))?;
         let folder = joined
             .canonicalize()
-            .map_err(|_| bad(&joined, "does not exist"))?;
+            .map_err(|_| DoctorError::FolderNotFound {
+                path: joined.clone(),
+            })?;
         if !folder.starts_with(&root) || !folder.is_dir() {
             return Err(bad(&joined, "is not a folder inside the doctors directory"));
         }
