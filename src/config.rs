@@ -93,7 +93,7 @@ pub struct RawConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
-    /// Steering statistics are measured on every n-th generated token.
+    /// Steering statistics are measured on one in every n generated tokens.
     pub steering_stats_interval: Option<usize>,
 }
 
@@ -188,7 +188,7 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
-    /// Steering statistics are measured on every n-th generated token of a steered choice.
+    /// Steering statistics are measured on one in every n generated tokens of a steered choice.
     pub steering_stats_interval: NonZeroUsize,
 }
 
@@ -305,7 +305,7 @@ impl ServeConfig {
                 None => DEFAULT_STEERING_STATS_INTERVAL,
                 Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
                     setting: "steering_stats_interval",
-                    message: "must be at least 1 (1 measures every token)".into(),
+                    message: "must be at least 1 (1 measures every token), got 0".into(),
                 })?,
             },
         })

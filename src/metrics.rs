@@ -242,7 +242,7 @@ impl Metrics {
             measured_tokens: counter_vec(
                 &registry,
                 STEERING_MEASURED_TOKENS_TOTAL,
-                "Tokens on which steering statistics were measured (every steering_stats_interval-th generated token)",
+                "Tokens on which steering statistics were measured: one in every steering_stats_interval generated tokens, every token of requests with logprobs",
                 "doctor",
             )?,
             registry,

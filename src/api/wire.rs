@@ -264,9 +264,8 @@ pub struct SteeringBody {
     pub doctors: Vec<SteeringDoctor>,
     /// Measured tokens where the steered top token differs from the patient's.
     pub changed_tokens: usize,
-    /// Generated tokens on which `changed_tokens` and `mean_kl` were measured: every n-th
-    /// token (the server's `steering_stats_interval`), or every token when logprobs were
-    /// requested.
+    /// Generated tokens on which `changed_tokens` and `mean_kl` were measured: one in every n
+    /// (the server's `steering_stats_interval`), or every token when logprobs were requested.
     pub measured_tokens: usize,
     /// Mean KL(steered ‖ patient) over the measured tokens, nats.
     pub mean_kl: f32,

@@ -84,8 +84,8 @@ pub struct ServeArgs {
     /// Seed of the RNG that draws seeds for requests without `seed` [default: random].
     #[arg(long, env = "LLMDOCTOR_SEED")]
     seed: Option<u64>,
-    /// Measure steering statistics (KL to the patient, changed top token) on every N-th
-    /// generated token of a steered choice; 1 measures every token [default: 8].
+    /// Measure steering statistics (KL to the patient, changed top token) on one in every N
+    /// generated tokens of a steered choice; 1 measures every token [default: 8].
     #[arg(long, value_name = "N", env = "LLMDOCTOR_STEERING_STATS_INTERVAL")]
     steering_stats_interval: Option<usize>,
 }

@@ -20,7 +20,11 @@ pub enum DoctorError {
         name: String,
     },
     /// No loaded doctor has this name.
-    #[error("doctor `{name}` is not loaded; loaded doctors: {}", list_or_none(.loaded))]
+    #[error(
+        "doctor `{name}` is not loaded; loaded doctors: {}{}",
+        list_or_none(.loaded),
+        beta_hint(.name)
+    )]
     NotFound {
         /// The requested name.
         name: String,
@@ -84,6 +88,17 @@ pub enum DoctorError {
         /// The cause.
         cause: LoadError,
     },
+}
+
+/// Returns a hint for a name written as the CLI's `NAME:BETA`, which the API takes as an
+/// object, or an empty string.
+fn beta_hint(name: &str) -> String {
+    match name.split_once(':') {
+        Some((doctor, beta)) if beta.parse::<f32>().is_ok() => {
+            format!("; to set β in a request, send {{\"name\": \"{doctor}\", \"beta\": {beta}}}")
+        }
+        _ => String::new(),
+    }
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -359,5 +374,35 @@ impl DoctorRegistry {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn not_found(name: &str) -> String {
+        DoctorError::NotFound {
+            name: name.into(),
+            loaded: vec!["harmless".into()],
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn not_found_hints_at_the_beta_object() {
+        let message = not_found("harmless:0.8");
+        assert!(
+            message.contains(r#"{"name": "harmless", "beta": 0.8}"#),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn not_found_without_beta_has_no_hint() {
+        for name in ["harmles", "a:b"] {
+            let message = not_found(name);
+            assert!(!message.contains("beta"), "{message}");
+        }
     }
 }

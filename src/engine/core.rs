@@ -33,10 +33,14 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Seeds the RNG that draws seeds for requests without one.
     pub seed: Option<u64>,
-    /// Steering statistics (KL to the patient, changed top token) are measured on generated
-    /// tokens 0, n, 2n, … of each steered choice, and on every token of a request that asks
-    /// for log-probabilities. Each measurement runs the patient's own row through the output
-    /// layer, which a steered step otherwise skips. 1 measures every token.
+    /// Steering statistics (KL to the patient, changed top token) are measured on one
+    /// generated token in every n of each steered choice, and on every token of a request that
+    /// asks for log-probabilities. Each measurement runs the patient's own row through the
+    /// output layer, which a steered step otherwise skips. 1 measures every token.
+    ///
+    /// The measured tokens are `p, p + n, p + 2n, …`, with the phase `p < n` drawn from the
+    /// choice's seed. A fixed phase of 0 would always include the first token, where steering
+    /// tends to move the distribution most, and bias the means of short replies.
     pub steering_stats_interval: NonZeroUsize,
 }
 
@@ -117,11 +121,20 @@ struct Choice {
     kl_sum: f64,
     changed_tokens: usize,
     measured_tokens: usize,
+    /// The generated-token index, modulo the stats interval, of the measured tokens.
+    stats_phase: usize,
 }
 
 impl Choice {
     fn computed(&self) -> usize {
         self.patient_cache.len()
+    }
+
+    /// Reports whether the token this choice samples next measures steering statistics, with
+    /// the engine's `interval` (see [`EngineConfig::steering_stats_interval`]).
+    fn measures(&self, interval: usize) -> bool {
+        self.sampler.params().top_logprobs().is_some()
+            || self.generated % interval == self.stats_phase
     }
 
     fn clear_caches(&mut self) {
@@ -303,6 +316,9 @@ impl Engine {
             kl_sum: 0.0,
             changed_tokens: 0,
             measured_tokens: 0,
+            // A multiplicative hash, so that nearby seeds get different phases.
+            stats_phase: (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize
+                % self.stats_interval,
         }
     }
 
@@ -402,8 +418,9 @@ impl Engine {
     ///
     /// Only choices that sample this step get output rows. A steered choice gets one row that
     /// mixes the final hidden states of its patient row and its doctors on the patient's
-    /// base, `α·h_p + Σ β_i·h_i`: the output layer is linear, so its logits are
-    /// `α·z_p + Σ β_i·z_i`, and the doctors' own output rows are skipped. The patient's own
+    /// base, `α·h_p + Σ β_i·h_i`. The output layer is linear, so its logits are
+    /// `α·z_p + Σ β_i·z_i` up to activation rounding, and the doctors' own output rows are
+    /// skipped. The patient's own
     /// row is added when the step measures steering statistics or the request wants
     /// log-probabilities, and each doctor's own row when it wants log-probabilities.
     fn forward(
@@ -444,7 +461,7 @@ impl Engine {
                 // The choice samples its next token after this step.
                 let samples = end == choice.tokens.len();
                 let logprobs = choice.sampler.params().top_logprobs().is_some();
-                let measures = choice.generated % self.stats_interval == 0 || logprobs;
+                let measures = choice.measures(self.stats_interval);
                 let Choice {
                     tokens: ids,
                     patient_cache,
@@ -652,7 +669,8 @@ impl Engine {
                 .sampler
                 .sample(&mut combined, &choice.history)
                 .map_err(|e| e.to_string())?;
-            if let Some(stats) = stats.filter(|_| steering.is_steered()) {
+            let measured = steering.is_steered() && choice.measures(self.stats_interval);
+            if let Some(stats) = stats.filter(|_| measured) {
                 choice.measured_tokens += 1;
                 choice.kl_sum += f64::from(stats.kl_steered_patient);
                 if stats.changed_top_token() {
