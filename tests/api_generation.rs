@@ -376,6 +376,33 @@ async fn steered_request_reports_steering_and_logprobs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn steered_completion_reports_row_logprobs() {
+    let server = TestServer::default().await;
+    let request = completion(
+        "The capital of France is",
+        json!({
+            "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+            "doctor": DOCTOR, "logprobs": 2,
+        }),
+    );
+    let (status, body) = server.post("/v1/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let logprobs = &body["choices"][0]["logprobs"];
+    let patient = logprobs["patient_token_logprobs"].as_array().unwrap();
+    assert_eq!(patient.len(), 6);
+    let doctors = logprobs["doctor_token_logprobs"].as_array().unwrap();
+    assert_eq!(doctors.len(), 1);
+    assert_eq!(doctors[0]["name"], DOCTOR);
+    let values = doctors[0]["token_logprobs"].as_array().unwrap();
+    assert_eq!(values.len(), 6);
+    for value in values {
+        let value = value.as_f64().expect("a number, not null");
+        assert!(value <= 0.0, "{value}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn doctor_through_model_equals_doctor_field() {
     let server = TestServer::default().await;
     let base = json!({"max_tokens": 10, "temperature": 0, "ignore_eos": true});

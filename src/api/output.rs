@@ -11,8 +11,9 @@ use crate::tokenizer::Tokenizer;
 use super::error::ApiError;
 use super::wire::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, Chunk, Completion,
-    CompletionChoice, CompletionChunkChoice, CompletionLogprobs, DoctorLogprob, ResponseMessage,
-    SteeringBody, SteeringDoctor, TokenLogprobBody, TopLogprob, UsageBody,
+    CompletionChoice, CompletionChunkChoice, CompletionLogprobs, DoctorLogprob,
+    DoctorTokenLogprobs, ResponseMessage, SteeringBody, SteeringDoctor, TokenLogprobBody,
+    TopLogprob, UsageBody,
 };
 
 /// The endpoint whose shapes are produced.
@@ -164,8 +165,35 @@ impl Choices {
                     .map(|r| r.chat.patient_logprob.unwrap_or(f32::NAN))
                     .collect()
             }),
+            doctor_token_logprobs: steered.then(|| doctor_token_logprobs(records)),
         }
     }
+}
+
+/// Regroups the per-token doctor log-probabilities by doctor, in request order.
+fn doctor_token_logprobs(records: &[TokenRecord]) -> Vec<DoctorTokenLogprobs> {
+    let names: Vec<String> = records
+        .first()
+        .and_then(|r| r.chat.doctor_logprobs.as_ref())
+        .map(|doctors| doctors.iter().map(|d| d.name.clone()).collect())
+        .unwrap_or_default();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| DoctorTokenLogprobs {
+            name,
+            token_logprobs: records
+                .iter()
+                .map(|r| {
+                    r.chat
+                        .doctor_logprobs
+                        .as_ref()
+                        .and_then(|doctors| doctors.get(index))
+                        .map_or(f32::NAN, |d| d.logprob)
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn steering_body(summary: &Option<SteeringSummary>) -> Option<SteeringBody> {

@@ -331,6 +331,19 @@ pub struct CompletionLogprobs {
     /// Extension, steered requests only: log-probabilities under the patient alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patient_token_logprobs: Option<Vec<f32>>,
+    /// Extension, steered requests only: log-probabilities under each doctor alone, in request
+    /// order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doctor_token_logprobs: Option<Vec<DoctorTokenLogprobs>>,
+}
+
+/// One doctor's log-probabilities of a completion's tokens.
+#[derive(Clone, Debug, Serialize, ToSchema, PartialEq)]
+pub struct DoctorTokenLogprobs {
+    /// The doctor.
+    pub name: String,
+    /// One per generated token, as `token_logprobs`.
+    pub token_logprobs: Vec<f32>,
 }
 
 /// An assistant message in a response.
