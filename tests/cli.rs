@@ -248,3 +248,50 @@ fn unknown_doctor_lists_loaded_ones() {
     ]);
     assert_fails_with(&output, &["doctor `nobody`"]);
 }
+
+#[test]
+fn bench_rejects_zero_stats_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let output = llmdoctor(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--steering-stats-interval",
+        "0",
+    ]);
+    assert_fails_with(
+        &output,
+        &["--steering-stats-interval", "at least 1", "got 0"],
+    );
+}
+
+#[test]
+fn bench_runs_with_every_token_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let output = llmdoctor(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--steering-stats-interval",
+        "1",
+        "--concurrency",
+        "2",
+        "--repeats",
+        "1",
+        "--max-tokens",
+        "4",
+        "--prefill-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let modes: Vec<String> = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter_map(|value| value["mode"].as_str().map(str::to_owned))
+        .collect();
+    assert!(modes.iter().any(|m| m.starts_with("1 doctor")), "{modes:?}");
+}

@@ -1,5 +1,6 @@
 //! `llmdoctor bench`.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use candle_core::Device;
 use clap::Args;
 use llmdoctor::bench::{self, BenchMode, BenchPlan};
 use llmdoctor::doctor::{Doctor, DoctorBase, DoctorManifest};
-use llmdoctor::engine::core::{self as engine, EngineConfig};
+use llmdoctor::engine::core::{self as engine, EngineConfig, DEFAULT_STEERING_STATS_INTERVAL};
 use llmdoctor::generate::prompt_ids;
 use llmdoctor::loader::{load_model, LoadedModel};
 use llmdoctor::model::lora::{AdapterConfig, Projection};
@@ -45,6 +46,10 @@ pub struct BenchArgs {
     /// --lora-layers N` does (default: every layer).
     #[arg(long, value_name = "N")]
     doctor_layers: Option<usize>,
+    /// Measure steering statistics on one in every N generated tokens, as `serve
+    /// --steering-stats-interval` does; 1 measures every token [default: 8, as `serve`].
+    #[arg(long, value_name = "N")]
+    steering_stats_interval: Option<usize>,
     /// Print one JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
@@ -66,6 +71,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.prefill_tokens > 0,
         "`--prefill-tokens` must be at least 1, got 0"
     );
+    let stats_interval = match args.steering_stats_interval {
+        None => DEFAULT_STEERING_STATS_INTERVAL,
+        Some(n) => NonZeroUsize::new(n).context(
+            "`--steering-stats-interval` must be at least 1 (1 measures every token), got 0",
+        )?,
+    };
     let path = model_path(args.model.clone())?;
     let before_load = bench::resident_mib("VmRSS");
     let patient = load_model(&path, &args.quant.load_options(), &Device::Cpu)
@@ -111,7 +122,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let long_prompt = prefill_prompt(&patient, args.prefill_tokens)?;
 
-    let handle = engine::start(patient, EngineConfig::default())?;
+    let handle = engine::start(
+        patient,
+        EngineConfig {
+            steering_stats_interval: stats_interval,
+            ..EngineConfig::default()
+        },
+    )?;
     let plan = BenchPlan {
         modes: vec![
             BenchMode {
