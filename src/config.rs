@@ -93,7 +93,7 @@ pub struct RawConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
-    /// Steering statistics are measured on one in every n generated tokens.
+    /// Interval of the steering statistics: one in every n generated tokens is measured.
     pub steering_stats_interval: Option<usize>,
 }
 
@@ -188,7 +188,8 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     /// Seed of the engine's RNG for requests without a `seed`.
     pub seed: Option<u64>,
-    /// Steering statistics are measured on one in every n generated tokens of a steered choice.
+    /// Interval of the steering statistics: one in every n generated tokens of a steered
+    /// choice is measured.
     pub steering_stats_interval: NonZeroUsize,
 }
 

@@ -629,9 +629,9 @@ fn doctor_with_separate_base_runs_its_own_forward() {
     );
 }
 
-/// Greedy tokens of `alpha · patient + beta · doctor` computed directly on the model: full
-/// rows for the patient and the doctor (no fork), their final hidden states mixed, then the
-/// output layer and the steering code's log-softmax.
+/// Returns the greedy tokens of `alpha · patient + beta · doctor`, computed on the model with
+/// full rows for the patient and the doctor (no fork), their final hidden states mixed, then
+/// the output layer and the steering code's log-softmax.
 fn reference_greedy(
     patient: &LoadedModel,
     adapter: &LoraAdapter,

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::doctor::DoctorBase;
 use crate::loader::LoadedModel;
 use crate::metrics::Metrics;
-use crate::model::{KvCache, Llama, LogitsSelection, ModelError, Row};
+use crate::model::{KvCache, Llama, LogitsSelection, ModelConfig, ModelError, Row};
 use crate::tokenizer::{IncrementalDetokenizer, StopMatcher, StopOutcome};
-use candle_core::Tensor;
 
 use super::handle::{Command, EngineHandle, EngineState};
 use super::request::{
@@ -33,9 +33,9 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Seeds the RNG that draws seeds for requests without one.
     pub seed: Option<u64>,
-    /// Steering statistics (KL to the patient, changed top token) are measured on one
-    /// generated token in every n of each steered choice, and on every token of a request that
-    /// asks for log-probabilities. Each measurement runs the patient's own row through the
+    /// Interval of the steering statistics (KL to the patient, changed top token): they are
+    /// measured on one generated token in every n of each steered choice, and on every token
+    /// of a request with log-probabilities. Each measurement runs the patient's own row through the
     /// output layer, which a steered step otherwise skips. 1 measures every token.
     ///
     /// The measured tokens are `p, p + n, p + 2n, …`, with the phase `p < n` drawn from the
@@ -420,9 +420,9 @@ impl Engine {
     /// mixes the final hidden states of its patient row and its doctors on the patient's
     /// base, `α·h_p + Σ β_i·h_i`. The output layer is linear, so its logits are
     /// `α·z_p + Σ β_i·z_i` up to activation rounding, and the doctors' own output rows are
-    /// skipped. The patient's own
-    /// row is added when the step measures steering statistics or the request wants
-    /// log-probabilities, and each doctor's own row when it wants log-probabilities.
+    /// skipped. The patient's own row is added when the step measures steering statistics or
+    /// the request has log-probabilities, and each doctor's own row when it has
+    /// log-probabilities.
     fn forward(
         &mut self,
         scheduled: &[Scheduled],
@@ -623,9 +623,6 @@ impl Engine {
         let steering = &active.request.steering;
         let steered = steering.changes_distribution();
         let mut combined = Vec::with_capacity(vocab);
-        // With α = 0 and every β = 0 the sum has no term: every logit is 0, so the steered
-        // distribution is uniform.
-        let zeros = vec![0.0; vocab];
         for choice in active.choices.iter_mut().filter(|c| !c.finished) {
             // A choice whose every term has weight 0 gets no output row on a step that does
             // not measure, so an absent entry means no rows, and a missing row is an error
@@ -634,6 +631,7 @@ impl Engine {
             let stats = if steered {
                 // The patient and the doctors on its base arrive mixed in `rows.steered`.
                 // Doctors on other bases add their own rows.
+                let zeros: Vec<f32>;
                 let mut terms = Vec::with_capacity(1 + steering.doctors.len());
                 if let Some(mixed) = &rows.steered {
                     terms.push(Term {
@@ -650,7 +648,10 @@ impl Engine {
                         });
                     }
                 }
+                // With α = 0 and every β = 0 the sum has no term: every logit is 0, so the
+                // steered distribution is uniform.
                 if terms.is_empty() {
+                    zeros = vec![0.0; vocab];
                     terms.push(Term {
                         weight: 1.0,
                         logits: &zeros,
@@ -924,16 +925,8 @@ fn run_batches(batches: Vec<Batch<'_>>) -> Result<(StepLogits, ForwardStats), Mo
             .iter()
             .map(|output| mix_rows(&hidden, &output.terms))
             .collect::<Result<Vec<_>, _>>()?;
-        if !inputs.is_empty() {
-            // One call for every output row, so the output matrix, the largest weight, is
-            // read once per step.
-            let logits = model.lm_head(&Tensor::cat(&inputs, 0)?)?;
-            let mut offset = 0;
-            for (output, input) in outputs.iter().zip(&inputs) {
-                let len = input.dim(0)?;
-                out.insert(output.key, logits.narrow(0, offset, len)?);
-                offset += len;
-            }
+        for (output, logits) in outputs.iter().zip(model.lm_head_rows(&inputs)?) {
+            out.insert(output.key, logits);
         }
         let seconds = started.elapsed().as_secs_f64();
         // NOTE: rows of doctors on the patient's base share one forward with the patient,
@@ -968,7 +961,7 @@ fn mix_rows(hidden: &[Tensor], terms: &[(usize, f32)]) -> Result<Tensor, ModelEr
 
 /// Returns the output layer's work for one token relative to one layer's, from the weight
 /// counts of the projections.
-fn output_layer_share(config: &crate::model::ModelConfig) -> f64 {
+fn output_layer_share(config: &ModelConfig) -> f64 {
     let hidden = config.hidden_size;
     let kv = config.num_kv_heads * config.head_dim;
     let attention = 2 * hidden * config.num_heads * config.head_dim + 2 * hidden * kv;

@@ -481,20 +481,29 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn combine_without_patient_measures_nothing() -> Result<(), SteeringError> {
-        let terms = [Term {
-            weight: 0.5,
-            logits: &DOCTOR,
-        }];
+    /// Runs [`combine`] on `(weight, logits)` terms and returns its output and statistics.
+    fn combine_terms(
+        terms: &[(f32, &[f32])],
+        patient: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Option<SteeringStats>), SteeringError> {
+        let terms: Vec<Term<'_>> = terms
+            .iter()
+            .map(|&(weight, logits)| Term { weight, logits })
+            .collect();
         let mut out = Vec::new();
         let stats = combine(
             &SteeringInput {
                 terms: &terms,
-                patient: None,
+                patient,
             },
             &mut out,
         )?;
+        Ok((out, stats))
+    }
+
+    #[test]
+    fn combine_without_patient_measures_nothing() -> Result<(), SteeringError> {
+        let (out, stats) = combine_terms(&[(0.5, &DOCTOR)], None)?;
         assert!(stats.is_none());
         let halved: Vec<f32> = DOCTOR.iter().map(|x| 0.5 * x).collect();
         assert_close(&out, &log_softmax(&halved), 1e-6);
@@ -504,25 +513,8 @@ mod tests {
     #[test]
     fn combine_with_doctor_alone_returns_doctor() -> Result<(), SteeringError> {
         let patient = [f32::NEG_INFINITY, 0.0, 1.0, 2.0, 3.0];
-        let terms = [
-            Term {
-                weight: 0.0,
-                logits: &patient,
-            },
-            Term {
-                weight: 1.0,
-                logits: &DOCTOR,
-            },
-        ];
-        let mut out = Vec::new();
-        let stats = combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: Some(&patient),
-            },
-            &mut out,
-        )?
-        .expect("the patient row was given");
+        let (out, stats) = combine_terms(&[(0.0, &patient), (1.0, &DOCTOR)], Some(&patient))?;
+        let stats = stats.expect("the patient row was given");
         assert_close(&out, &log_softmax(&DOCTOR), 1e-6);
         assert_eq!(stats.steered_argmax, 3);
         assert_eq!(stats.patient_argmax, 4);
@@ -536,25 +528,8 @@ mod tests {
         // The product is (0.125, 0.0625, 0.125), which normalises to (0.4, 0.2, 0.4).
         let patient = [0.5_f32.ln(), 0.25_f32.ln(), 0.25_f32.ln()];
         let doctor = [0.25_f32.ln(), 0.25_f32.ln(), 0.5_f32.ln()];
-        let terms = [
-            Term {
-                weight: 1.0,
-                logits: &patient,
-            },
-            Term {
-                weight: 1.0,
-                logits: &doctor,
-            },
-        ];
-        let mut out = Vec::new();
-        let stats = combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: Some(&patient),
-            },
-            &mut out,
-        )?
-        .expect("the patient row was given");
+        let (out, stats) = combine_terms(&[(1.0, &patient), (1.0, &doctor)], Some(&patient))?;
+        let stats = stats.expect("the patient row was given");
 
         let probabilities: Vec<f32> = out.iter().map(|x| x.exp()).collect();
         assert_close(&probabilities, &[0.4, 0.2, 0.4], 1e-6);
@@ -574,37 +549,9 @@ mod tests {
             .zip(&DOCTOR)
             .map(|(p, d)| 0.8 * p + 0.5 * d)
             .collect();
-
-        let mut from_mixed = Vec::new();
-        let mut from_terms = Vec::new();
-        let mixed_stats = combine(
-            &SteeringInput {
-                terms: &[Term {
-                    weight: 1.0,
-                    logits: &mixed,
-                }],
-                patient: Some(&PATIENT),
-            },
-            &mut from_mixed,
-        )?;
-
-        let terms = [
-            Term {
-                weight: 0.8,
-                logits: &PATIENT,
-            },
-            Term {
-                weight: 0.5,
-                logits: &DOCTOR,
-            },
-        ];
-        let term_stats = combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: Some(&PATIENT),
-            },
-            &mut from_terms,
-        )?;
+        let (from_mixed, mixed_stats) = combine_terms(&[(1.0, &mixed)], Some(&PATIENT))?;
+        let (from_terms, term_stats) =
+            combine_terms(&[(0.8, &PATIENT), (0.5, &DOCTOR)], Some(&PATIENT))?;
 
         assert_close(&from_mixed, &from_terms, 1e-6);
         let kl = |stats: Option<SteeringStats>| stats.map(|s| s.kl_steered_patient);
@@ -620,25 +567,8 @@ mod tests {
     fn combine_lets_strong_doctor_choose_top_token() -> Result<(), SteeringError> {
         let mut doctor = [0.0; 5];
         doctor[1] = 20.0;
-        let terms = [
-            Term {
-                weight: 1.0,
-                logits: &PATIENT,
-            },
-            Term {
-                weight: 0.5,
-                logits: &doctor,
-            },
-        ];
-        let mut out = Vec::new();
-        let stats = combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: Some(&PATIENT),
-            },
-            &mut out,
-        )?
-        .expect("the patient row was given");
+        let (_, stats) = combine_terms(&[(1.0, &PATIENT), (0.5, &doctor)], Some(&PATIENT))?;
+        let stats = stats.expect("the patient row was given");
         assert_eq!(stats.patient_argmax, 2);
         assert_eq!(stats.steered_argmax, 1);
         assert!(stats.changed_top_token());
@@ -650,24 +580,7 @@ mod tests {
     fn combine_with_negative_beta_steers_away() -> Result<(), SteeringError> {
         let mut doctor = [0.0; 5];
         doctor[2] = 10.0;
-        let terms = [
-            Term {
-                weight: 1.0,
-                logits: &PATIENT,
-            },
-            Term {
-                weight: -1.0,
-                logits: &doctor,
-            },
-        ];
-        let mut out = Vec::new();
-        combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: None,
-            },
-            &mut out,
-        )?;
+        let (out, _) = combine_terms(&[(1.0, &PATIENT), (-1.0, &doctor)], None)?;
         let patient = log_softmax(&PATIENT);
         assert!(out[2] < patient[2]);
         Ok(())
@@ -675,41 +588,19 @@ mod tests {
 
     #[test]
     fn combine_rejects_mismatched_rows() {
-        let terms = [
-            Term {
-                weight: 0.5,
-                logits: &DOCTOR,
-            },
-            Term {
-                weight: 0.5,
-                logits: &DOCTOR[..4],
-            },
-        ];
-        let result = combine(
-            &SteeringInput {
-                terms: &terms,
-                patient: Some(&PATIENT),
-            },
-            &mut Vec::new(),
-        );
+        let result = combine_terms(&[(0.5, &DOCTOR), (0.5, &DOCTOR[..4])], Some(&PATIENT));
         assert_eq!(
-            result,
-            Err(SteeringError::VocabularyMismatch {
+            result.err(),
+            Some(SteeringError::VocabularyMismatch {
                 index: 1,
                 len: 4,
                 expected: 5,
             })
         );
-        let result = combine(
-            &SteeringInput {
-                terms: &terms[..1],
-                patient: Some(&PATIENT[..3]),
-            },
-            &mut Vec::new(),
-        );
+        let result = combine_terms(&[(0.5, &DOCTOR)], Some(&PATIENT[..3]));
         assert_eq!(
-            result,
-            Err(SteeringError::VocabularyMismatch {
+            result.err(),
+            Some(SteeringError::VocabularyMismatch {
                 index: 1,
                 len: 3,
                 expected: 5,
@@ -719,21 +610,11 @@ mod tests {
 
     #[test]
     fn combine_rejects_empty_steps() {
-        let empty = [Term {
-            weight: 1.0,
-            logits: &[],
-        }];
-        let zero = [Term {
-            weight: 0.0,
-            logits: &PATIENT,
-        }];
-        for terms in [&[][..], &empty[..], &zero[..]] {
-            let input = SteeringInput {
-                terms,
-                patient: None,
-            };
-            let result = combine(&input, &mut Vec::new());
-            assert_eq!(result, Err(SteeringError::NothingToCombine));
+        let empty: &[(f32, &[f32])] = &[(1.0, &[])];
+        let zero: &[(f32, &[f32])] = &[(0.0, &PATIENT)];
+        for terms in [&[][..], empty, zero] {
+            let result = combine_terms(terms, None);
+            assert_eq!(result.err(), Some(SteeringError::NothingToCombine));
         }
     }
 

@@ -40,7 +40,8 @@ impl ChoiceLogits {
     }
 }
 
-/// The logits tensors of one choice's rows: the patient's, and each doctor's by index.
+/// The logits tensors of one choice's rows: the patient's, each doctor's by index, and the
+/// mixed steered row.
 #[derive(Default)]
 struct ChoiceTensors {
     patient: Option<Tensor>,

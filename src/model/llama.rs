@@ -320,19 +320,21 @@ impl Llama {
     /// [`LogitsSelection::All`]. Each row's cache grows by its number of new tokens.
     pub fn forward(&self, rows: &mut [Row<'_>]) -> Result<Vec<Tensor>, ModelError> {
         let hidden = self.forward_hidden(rows)?;
+        self.lm_head_rows(&hidden)
+    }
+
+    /// Projects several rows' hidden states to logits, `(positions, hidden)` to
+    /// `(positions, vocab)` each, in one call, so the output matrix, the largest weight, is
+    /// read once rather than once per row.
+    pub fn lm_head_rows(&self, hidden: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         if hidden.len() < 2 {
             return hidden.iter().map(|h| self.lm_head.forward(h)).collect();
         }
-        // One call for every row, so the output matrix, the largest weight, is read once per
-        // step rather than once per row.
-        let lengths = hidden
-            .iter()
-            .map(|h| h.dim(0))
-            .collect::<Result<Vec<_>, _>>()?;
-        let logits = self.lm_head.forward(&Tensor::cat(&hidden, 0)?)?;
+        let logits = self.lm_head.forward(&Tensor::cat(hidden, 0)?)?;
         let mut offset = 0;
-        let mut out = Vec::with_capacity(lengths.len());
-        for len in lengths {
+        let mut out = Vec::with_capacity(hidden.len());
+        for h in hidden {
+            let len = h.dim(0)?;
             out.push(logits.narrow(0, offset, len)?);
             offset += len;
         }
